@@ -1,0 +1,20 @@
+"""`attn <command> [flags]`: the same as `python -m attn.<command> [flags]`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    'summary': 'parameters per module and FLOPs per token of a config',
+}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        lines = [f'  {name:10s} {help_}' for name, help_ in COMMANDS.items()]
+        sys.stderr.write('usage: attn <command> [--flags]\n\ncommands:\n' + '\n'.join(lines) + '\n')
+        raise SystemExit(2)
+    command = sys.argv[1]
+    sys.argv = [f'attn {command}', *sys.argv[2:]]
+    importlib.import_module(f'attn.{command}').run()

@@ -1,0 +1,117 @@
+"""Pieces every config shares: the paper's model sizes and training settings.
+
+Sizes follow Table 3 of the paper (base and big); `tiny` and `small` are ours,
+for CPU tests and the embedded-corpus quickstart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ml_collections import config_dict
+
+from attn.model import ModelConfig
+
+# N, d_model, d_ff, h, P_drop (Table 3). d_k = d_v = d_model / h unless a row says otherwise.
+SIZES = {
+    'tiny': dict(num_layers=2, emb_dim=32, mlp_dim=64, num_heads=4, dropout_rate=0.1),
+    'small': dict(num_layers=3, emb_dim=256, mlp_dim=1024, num_heads=4, dropout_rate=0.1),
+    'base': dict(num_layers=6, emb_dim=512, mlp_dim=2048, num_heads=8, dropout_rate=0.1),
+    'big': dict(num_layers=6, emb_dim=1024, mlp_dim=4096, num_heads=16, dropout_rate=0.3),
+}
+
+
+def parse_arg(arg: str | None, **defaults) -> config_dict.ConfigDict:
+    """Parses a config argument 'key=value,flag' against typed defaults.
+
+    `configs/wmt14.py:size=big,pair=fr-en` gives arg 'size=big,pair=fr-en'. A bare
+    word sets a boolean default to True (e.g. 'runlocal').
+    """
+    parsed = dict(defaults)
+    for item in filter(None, (arg or '').split(',')):
+        key, sep, value = item.partition('=')
+        if key not in defaults:
+            raise ValueError(f'Unknown config argument {key!r}; known: {sorted(defaults)}.')
+        default = defaults[key]
+        if not sep:
+            if not isinstance(default, bool):
+                raise ValueError(f'Config argument {key!r} needs a value: {key}=...')
+            parsed[key] = True
+        elif isinstance(default, bool):
+            parsed[key] = value.lower() in ('1', 'true', 'yes')
+        else:
+            parsed[key] = type(default)(value)
+    return config_dict.ConfigDict(parsed)
+
+
+def check_choice(name: str, value: str, choices) -> None:
+    """Raises a ValueError naming the config argument and its valid values."""
+    if value not in choices:
+        raise ValueError(f'Config argument {name}={value!r} is not one of {sorted(choices)}.')
+
+
+def model_config(size: str) -> config_dict.ConfigDict:
+    """Every `ModelConfig` field, at one of `SIZES`."""
+    check_choice('size', size, SIZES)
+    fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    fields.update(SIZES[size])
+    model = config_dict.ConfigDict(fields)
+    # Unset head sizes are derived as emb_dim // num_heads; placeholders keep them
+    # overridable from the command line (--config.model.qk_dim=32).
+    model.qk_dim = config_dict.placeholder(int)
+    model.v_dim = config_dict.placeholder(int)
+    return model
+
+
+def base_config(size: str = 'base') -> config_dict.ConfigDict:
+    """The paper's training setup (§5) around a model of `size`; datasets set by callers."""
+    config = config_dict.ConfigDict()
+    config.model_kind = 'transformer'  # 'transformer' (encoder-decoder) or 'lm' (decoder-only)
+    config.seed = 0
+
+    config.data = config_dict.ConfigDict()
+    config.data.name = 'wmt14_translate'  # TFDS builder
+    config.data.config = 'de-en'  # TFDS builder config
+    config.data.source_lang = 'en'
+    config.data.target_lang = 'de'
+    config.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir (None: TFDS default)
+    config.data.vocab_size = 37000  # shared SentencePiece vocabulary (§5.1)
+    config.data.tokens_per_batch = 25000  # per side, per step (§5.1)
+    config.data.max_length = 256  # training examples longer than this are filtered
+    config.data.eval_split = 'validation'
+
+    config.model = model_config(size)
+    config.model.vocab_size = config.data.get_ref('vocab_size')
+
+    config.total_steps = 100_000  # base: 100K steps, big: 300K (§5.2)
+    config.label_smoothing = 0.1  # eps_ls (§5.4)
+    config.optimizer = config_dict.ConfigDict()
+    config.optimizer.b1 = 0.9  # Adam (§5.3)
+    config.optimizer.b2 = 0.98
+    config.optimizer.eps = 1e-9
+    config.optimizer.warmup_steps = 4000
+    config.optimizer.lr_scale = 1.0  # multiplies d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
+    config.optimizer.grad_clip_norm = 0.0  # 0 = no clipping (the paper clips nothing)
+    config.grad_accum_steps = 1  # microbatches per update, to reach the paper's batch on fewer devices
+
+    config.decode = config_dict.ConfigDict()
+    config.decode.beam_size = 4  # §6.1
+    config.decode.alpha = 0.6  # length penalty
+    config.decode.max_extra_length = 50  # max output length = input length + 50
+
+    config.log_every_steps = 100
+    config.eval_every_steps = 1000
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 5  # base averages the last 5 checkpoints (§6.1)
+    return config
+
+
+def apply_runlocal(config: config_dict.ConfigDict) -> None:
+    """Shrinks the run (not the model) to a few CPU steps, for smoke tests."""
+    config.total_steps = 10
+    config.data.tokens_per_batch = 512
+    config.data.max_length = 32
+    config.optimizer.warmup_steps = 5
+    config.log_every_steps = 1
+    config.eval_every_steps = 5
+    config.checkpoint_every_steps = 5

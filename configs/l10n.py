@@ -1,0 +1,40 @@
+"""The default experiment: the embedded EN-DE (or EN-FR) corpus built from Debian's
+LibreOffice translation packages, on a CPU in minutes.
+
+    python -m attn.train --config=configs/l10n.py --workdir=runs/l10n
+    python -m attn.train --config=configs/l10n.py:pair=en-fr,size=base --workdir=runs/l10n-fr
+
+Sizes: tiny (tests), small (the quickstart), base (the paper's base, for a GPU).
+"""
+
+from configs import common
+
+PAIRS = {'en-de': 'de', 'en-fr': 'fr'}
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, size='small', pair='en-de', runlocal=False)
+    common.check_choice('pair', arg.pair, PAIRS)
+    config = common.base_config(arg.size)
+    config.data.name = 'l10n_translate'
+    config.data.config = arg.pair
+    config.data.target_lang = PAIRS[arg.pair]
+    config.data.vocab_size = 8000
+    config.data.tokens_per_batch = 4096
+    config.data.max_length = 128
+    config.data.eval_split = 'validation'
+    config.total_steps = 2000
+    config.optimizer.warmup_steps = 400
+    config.optimizer.lr_scale = 2.0
+    config.log_every_steps = 50
+    config.eval_every_steps = 500
+    config.checkpoint_every_steps = 500
+    if arg.size == 'tiny':
+        config.data.vocab_size = 512
+        config.data.tokens_per_batch = 512
+        config.data.max_length = 32
+        config.total_steps = 20
+    if arg.runlocal:
+        common.apply_runlocal(config)
+    config.lock()
+    return config

@@ -1,0 +1,41 @@
+"""A decoder-only Transformer language model.
+
+    python -m attn.train --config=configs/lm.py --workdir=runs/lm           # embedded corpus (English)
+    python -m attn.train --config=configs/lm.py:dataset=lm1b,size=base --workdir=runs/lm1b
+
+Same layers as the paper's decoder without encoder-decoder attention.
+"""
+
+from configs import common
+
+DATASETS = {
+    # dataset: (TFDS builder, builder config, text feature, vocabulary size)
+    'l10n': ('l10n_translate', 'en-de', 'en', 8000),
+    'lm1b': ('lm1b', None, 'text', 32000),
+}
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, size='small', dataset='l10n', runlocal=False)
+    common.check_choice('dataset', arg.dataset, DATASETS)
+    name, builder_config, text_feature, vocab_size = DATASETS[arg.dataset]
+    config = common.base_config(arg.size)
+    config.model_kind = 'lm'
+    config.data.name = name
+    config.data.config = builder_config
+    config.data.source_lang = text_feature
+    config.data.target_lang = text_feature
+    config.data.vocab_size = vocab_size
+    config.data.tokens_per_batch = 8192
+    config.data.max_length = 256
+    config.total_steps = 10_000
+    config.label_smoothing = 0.0  # a language model is scored by perplexity
+    if arg.size == 'tiny':
+        config.data.vocab_size = 512
+        config.data.tokens_per_batch = 512
+        config.data.max_length = 32
+        config.total_steps = 20
+    if arg.runlocal:
+        common.apply_runlocal(config)
+    config.lock()
+    return config

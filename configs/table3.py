@@ -1,0 +1,77 @@
+"""Table 3 of the paper: variations on the base model, one config per row.
+
+    python -m attn.train --config=configs/table3.py:row=B1 --workdir=runs/table3/B1
+
+Rows (blank = as base): A changes heads at constant computation, B the key size
+d_k alone, C the depth and widths, D dropout and label smoothing, E learned
+positional embeddings; `big` is the big model. Scored on newstest2013 (the WMT14
+validation split) without checkpoint averaging. `PAPER` holds the paper's numbers
+for each row; `python -m attn.summary --config=configs/table3.py:row=R` gives ours.
+"""
+
+from configs import common
+
+# Model overrides of each row relative to base (Table 3).
+ROWS = {
+    'base': {},
+    'A1': dict(num_heads=1, qk_dim=512, v_dim=512),
+    'A2': dict(num_heads=4, qk_dim=128, v_dim=128),
+    'A3': dict(num_heads=16, qk_dim=32, v_dim=32),
+    'A4': dict(num_heads=32, qk_dim=16, v_dim=16),
+    'B1': dict(qk_dim=16),
+    'B2': dict(qk_dim=32),
+    'C1': dict(num_layers=2),
+    'C2': dict(num_layers=4),
+    'C3': dict(num_layers=8),
+    'C4': dict(emb_dim=256, qk_dim=32, v_dim=32),
+    'C5': dict(emb_dim=1024, qk_dim=128, v_dim=128),
+    'C6': dict(mlp_dim=1024),
+    'C7': dict(mlp_dim=4096),
+    'D1': dict(dropout_rate=0.0),
+    'D2': dict(dropout_rate=0.2),
+    'D3': {},  # label smoothing 0.0, set below
+    'D4': {},  # label smoothing 0.2
+    'E': dict(positions='learned'),
+    'big': dict(common.SIZES['big']),
+}
+LABEL_SMOOTHING = {'D3': 0.0, 'D4': 0.2}
+TOTAL_STEPS = {'big': 300_000}  # every other row: 100K steps
+
+# The paper's results per row: (dev perplexity, dev BLEU, params in millions or None).
+PAPER = {
+    'base': (4.92, 25.8, 65),
+    'A1': (5.29, 24.9, None),
+    'A2': (5.00, 25.5, None),
+    'A3': (4.91, 25.8, None),
+    'A4': (5.01, 25.4, None),
+    'B1': (5.16, 25.1, 58),
+    'B2': (5.01, 25.4, 60),
+    'C1': (6.11, 23.7, 36),
+    'C2': (5.19, 25.3, 50),
+    'C3': (4.88, 25.5, 80),
+    'C4': (5.75, 24.5, 28),
+    'C5': (4.66, 26.0, 168),
+    'C6': (5.12, 25.4, 53),
+    'C7': (4.75, 26.2, 90),
+    'D1': (5.77, 24.6, None),
+    'D2': (4.95, 25.5, None),
+    'D3': (4.67, 25.3, None),
+    'D4': (5.47, 25.7, None),
+    'E': (4.92, 25.7, None),
+    'big': (4.33, 26.4, 213),
+}
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, row='base', runlocal=False)
+    common.check_choice('row', arg.row, ROWS)
+    config = common.base_config('base')
+    for field, value in ROWS[arg.row].items():
+        config.model[field] = value
+    config.label_smoothing = LABEL_SMOOTHING.get(arg.row, 0.1)
+    config.total_steps = TOTAL_STEPS.get(arg.row, 100_000)
+    config.keep_checkpoints = 1  # Table 3 uses no checkpoint averaging
+    if arg.runlocal:
+        common.apply_runlocal(config)
+    config.lock()
+    return config
