@@ -199,4 +199,6 @@ def dot_product_attention(
                 'attention_dropout_rate=0 or use the reference implementation.'
             )
         return fused_attention(query, key, value, mask)
-    raise ValueError(f'Unknown attention implementation {implementation!r}; use one of {IMPLEMENTATIONS}.')
+    raise ValueError(
+        f'Unknown attention implementation {implementation!r}; use one of {IMPLEMENTATIONS}.'
+    )

@@ -5,6 +5,10 @@ from __future__ import annotations
 import importlib
 import sys
 
+from absl import app
+
+from attn.model import ConfigError
+
 COMMANDS = {
     'summary': 'parameters per module and FLOPs per token of a config',
 }
@@ -18,3 +22,16 @@ def main() -> None:
     command = sys.argv[1]
     sys.argv = [f'attn {command}', *sys.argv[2:]]
     importlib.import_module(f'attn.{command}').run()
+
+
+def run(main) -> None:
+    """`absl.app.run(main)`, reporting a `ConfigError` as one line instead of a traceback."""
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except ConfigError as error:
+            sys.stderr.write(f'error: {error}\n')
+            raise SystemExit(2) from None
+
+    app.run(guarded)

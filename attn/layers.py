@@ -60,7 +60,8 @@ class MultiHeadAttention(nnx.Module):
         self.implementation = implementation
         self.dtype = dtype
         # Set True (e.g. `model.set_attributes(capture_weights=True)`) to sow the
-        # attention probabilities as nnx.Intermediate 'attention_weights' [B, N, T, S].
+        # attention probabilities as nnx.Intermediate 'attention_weights' [B, N, T, S];
+        # read them with `nnx.capture(model, nnx.Intermediate)(...)`.
         self.capture_weights = False
         self.cache_key: nnx.Cache | None = nnx.data(None)
         self.cache_value: nnx.Cache | None = nnx.data(None)
@@ -85,7 +86,9 @@ class MultiHeadAttention(nnx.Module):
         if self.cache_key is None:
             raise ValueError('decode=True needs init_cache(batch_size, max_length) first.')
         if key.shape[1] != 1:
-            raise ValueError(f'Incremental decoding takes one position per call, got {key.shape[1]}.')
+            raise ValueError(
+                f'Incremental decoding takes one position per call, got {key.shape[1]}.'
+            )
         index = self.cache_index[...]
         cached_key = jax.lax.dynamic_update_slice(self.cache_key[...], key, (0, index, 0, 0))
         cached_value = jax.lax.dynamic_update_slice(self.cache_value[...], value, (0, index, 0, 0))
@@ -172,7 +175,9 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied pre-softmax projection: x [B, T, D] -> logits [B, T, V]."""
-        return jnp.einsum('BTD,VD->BTV', x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        return jnp.einsum(
+            'BTD,VD->BTV', x.astype(self.dtype), self.embedding[...].astype(self.dtype)
+        )
 
 
 def sinusoidal_positions(positions: jax.Array, emb_dim: int) -> jax.Array:
@@ -186,7 +191,9 @@ def sinusoidal_positions(positions: jax.Array, emb_dim: int) -> jax.Array:
       [B, T, D] float32, sines at even and cosines at odd dimensions.
     """
     two_i = jnp.arange(0, emb_dim, 2, dtype=jnp.float32)  # [D/2]
-    angles = positions[..., None].astype(jnp.float32) / (10000.0 ** (two_i / emb_dim))  # [B, T, D/2]
+    angles = positions[..., None].astype(jnp.float32) / (
+        10000.0 ** (two_i / emb_dim)
+    )  # [B, T, D/2]
     pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [B, T, D/2, 2]
     return pe.reshape(*positions.shape, emb_dim)  # [B, T, D], interleaved
 

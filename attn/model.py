@@ -27,6 +27,10 @@ POSITIONS = ('sinusoidal', 'learned')
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the field and the fix."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Hyperparameters of `Transformer` and `LanguageModel` (paper base by default)."""
@@ -52,27 +56,29 @@ class ModelConfig:
         for name in ('vocab_size', 'num_layers', 'emb_dim', 'num_heads', 'mlp_dim', 'max_len'):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f'model.{name}={value!r} must be a positive integer.')
+                raise ConfigError(f'model.{name}={value!r} must be a positive integer.')
         if self.vocab_size <= NUM_SPECIAL_TOKENS:
-            raise ValueError(
-                f'model.vocab_size={self.vocab_size} leaves no room beside the {NUM_SPECIAL_TOKENS} '
-                'special tokens (pad, unk, bos, eos); use a larger vocabulary (the paper: ~37000).'
+            raise ConfigError(
+                f'model.vocab_size={self.vocab_size} leaves no room beside the '
+                f'{NUM_SPECIAL_TOKENS} special tokens (pad, unk, bos, eos); '
+                'use a larger vocabulary (the paper: ~37000).'
             )
         for name in ('qk_dim', 'v_dim'):
             value = getattr(self, name)
             if value is None and self.emb_dim % self.num_heads:
                 divisors = [h for h in range(1, self.emb_dim + 1) if self.emb_dim % h == 0]
-                raise ValueError(
-                    f'model.num_heads={self.num_heads} does not divide model.emb_dim={self.emb_dim}, '
-                    f'so model.{name} cannot be derived as emb_dim // num_heads. Pick num_heads '
-                    f'from {divisors[:12]} or set model.qk_dim and model.v_dim explicitly.'
+                raise ConfigError(
+                    f'model.num_heads={self.num_heads} does not divide '
+                    f'model.emb_dim={self.emb_dim}, so model.{name} cannot be derived '
+                    f'as emb_dim // num_heads. Pick num_heads from {divisors[:12]} '
+                    'or set model.qk_dim and model.v_dim explicitly.'
                 )
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f'model.{name}={value!r} must be a positive integer or None.')
+                raise ConfigError(f'model.{name}={value!r} must be a positive integer or None.')
         for name in ('dropout_rate', 'attention_dropout_rate'):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
-                raise ValueError(
+                raise ConfigError(
                     f'model.{name}={value} must be in [0, 1): it is the probability of '
                     'dropping a unit (the paper uses 0.1).'
                 )
@@ -80,12 +86,12 @@ class ModelConfig:
         _check_choice('attention', self.attention, attention_lib.IMPLEMENTATIONS)
         _check_choice('dtype', self.dtype, DTYPES)
         if self.positions == 'sinusoidal' and self.emb_dim % 2:
-            raise ValueError(
+            raise ConfigError(
                 f'model.emb_dim={self.emb_dim} must be even for sinusoidal positions '
                 '(sine/cosine pairs, §3.5); use an even emb_dim or model.positions="learned".'
             )
         if self.attention == 'fused' and self.attention_dropout_rate > 0:
-            raise ValueError(
+            raise ConfigError(
                 'model.attention="fused" has no attention dropout; set '
                 'model.attention_dropout_rate=0 or model.attention="reference".'
             )
@@ -110,13 +116,13 @@ class ModelConfig:
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=1)
                 hint = f' Did you mean model.{close[0]}?' if close else f' Known fields: {known}.'
-                raise ValueError(f'Unknown model field model.{name}.{hint}')
+                raise ConfigError(f'Unknown model field model.{name}.{hint}')
         return cls(**fields)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f'model.{name}={value!r} is not one of {choices}.')
+        raise ConfigError(f'model.{name}={value!r} is not one of {choices}.')
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -489,5 +495,5 @@ MODELS = {'transformer': Transformer, 'lm': LanguageModel}
 def build_model(kind: str, cfg: ModelConfig, seed: int = 0) -> Transformer | LanguageModel:
     """Builds a model by kind ('transformer' or 'lm') with parameters from `seed`."""
     if kind not in MODELS:
-        raise ValueError(f'Unknown model kind {kind!r}; use one of {sorted(MODELS)}.')
+        raise ConfigError(f'config.model_kind={kind!r} is not one of {sorted(MODELS)}.')
     return MODELS[kind](cfg, rngs=nnx.Rngs(params=seed))

@@ -17,10 +17,12 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from attn import configuration
+from attn import cli, configuration
 from attn.model import ModelConfig, build_model
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file.', lock_config=True
+)
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
 _LENGTH = flags.DEFINE_integer(
     'length', None, 'Source and target length for FLOPs (default: config.data.max_length).'
@@ -103,7 +105,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == '__main__':

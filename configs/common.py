@@ -10,7 +10,7 @@ import dataclasses
 
 from ml_collections import config_dict
 
-from attn.model import ModelConfig
+from attn.model import ConfigError, ModelConfig
 
 # N, d_model, d_ff, h, P_drop (Table 3). d_k = d_v = d_model / h unless a row says otherwise.
 SIZES = {
@@ -31,11 +31,11 @@ def parse_arg(arg: str | None, **defaults) -> config_dict.ConfigDict:
     for item in filter(None, (arg or '').split(',')):
         key, sep, value = item.partition('=')
         if key not in defaults:
-            raise ValueError(f'Unknown config argument {key!r}; known: {sorted(defaults)}.')
+            raise ConfigError(f'Unknown config argument {key!r}; known: {sorted(defaults)}.')
         default = defaults[key]
         if not sep:
             if not isinstance(default, bool):
-                raise ValueError(f'Config argument {key!r} needs a value: {key}=...')
+                raise ConfigError(f'Config argument {key!r} needs a value: {key}=...')
             parsed[key] = True
         elif isinstance(default, bool):
             parsed[key] = value.lower() in ('1', 'true', 'yes')
@@ -47,7 +47,7 @@ def parse_arg(arg: str | None, **defaults) -> config_dict.ConfigDict:
 def check_choice(name: str, value: str, choices) -> None:
     """Raises a ValueError naming the config argument and its valid values."""
     if value not in choices:
-        raise ValueError(f'Config argument {name}={value!r} is not one of {sorted(choices)}.')
+        raise ConfigError(f'Config argument {name}={value!r} is not one of {sorted(choices)}.')
 
 
 def model_config(size: str) -> config_dict.ConfigDict:
@@ -92,7 +92,9 @@ def base_config(size: str = 'base') -> config_dict.ConfigDict:
     config.optimizer.warmup_steps = 4000
     config.optimizer.lr_scale = 1.0  # multiplies d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
     config.optimizer.grad_clip_norm = 0.0  # 0 = no clipping (the paper clips nothing)
-    config.grad_accum_steps = 1  # microbatches per update, to reach the paper's batch on fewer devices
+    config.grad_accum_steps = (
+        1  # microbatches per update, to reach the paper's batch on fewer devices
+    )
 
     config.decode = config_dict.ConfigDict()
     config.decode.beam_size = 4  # §6.1

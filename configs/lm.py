@@ -1,6 +1,6 @@
 """A decoder-only Transformer language model.
 
-    python -m attn.train --config=configs/lm.py --workdir=runs/lm           # embedded corpus (English)
+    python -m attn.train --config=configs/lm.py --workdir=runs/lm  # embedded corpus, English side
     python -m attn.train --config=configs/lm.py:dataset=lm1b,size=base --workdir=runs/lm1b
 
 Same layers as the paper's decoder without encoder-decoder attention.

@@ -7,7 +7,9 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # noqa: E402
 
-_CACHE = pathlib.Path(os.environ.get('ATTN_TEST_JAX_CACHE', pathlib.Path.home() / '.cache' / 'attn-jax'))
+_CACHE = pathlib.Path(
+    os.environ.get('ATTN_TEST_JAX_CACHE', pathlib.Path.home() / '.cache' / 'attn-jax')
+)
 jax.config.update('jax_compilation_cache_dir', str(_CACHE))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.1)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

@@ -1,0 +1,148 @@
+"""Every config builds a model of the right shapes; Table 3 parameter counts; bad configs raise."""
+
+import importlib
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from attn import configuration
+from attn.model import ModelConfig, build_model
+from attn.summary import summarize
+from configs import common, table3
+
+CONFIG_DIR = pathlib.Path(__file__).parent.parent / 'configs'
+
+# Every config file with the argument variants it documents.
+VARIANTS = {
+    'l10n': ['', 'size=tiny', 'size=base', 'pair=en-fr', 'runlocal'],
+    'lm': ['', 'size=tiny', 'dataset=lm1b,size=base', 'runlocal'],
+    'table3': [f'row={row}' for row in table3.ROWS] + ['row=C1,runlocal'],
+    'wmt14': ['', 'size=big', 'pair=fr-en', 'size=big,pair=fr-en', 'runlocal'],
+}
+ALL = [(name, arg) for name, args in VARIANTS.items() for arg in args]
+
+
+def load(name, arg):
+    return importlib.import_module(f'configs.{name}').get_config(arg or None)
+
+
+def test_every_config_file_is_covered():
+    files = {p.stem for p in CONFIG_DIR.glob('*.py')} - {'__init__', 'common'}
+    assert files == set(VARIANTS)
+
+
+@pytest.mark.parametrize('name,arg', ALL, ids=[f'{n}:{a}' for n, a in ALL])
+def test_config_builds_with_right_shapes(name, arg):
+    config = load(name, arg)
+    cfg = configuration.model_config(config)
+    model = nnx.eval_shape(lambda: build_model(config.model_kind, cfg))
+    B, S, T = 2, 11, 7
+    src = jax.ShapeDtypeStruct((B, S), jnp.int32)
+    tgt = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    if config.model_kind == 'transformer':
+        logits = nnx.eval_shape(lambda m, x, y: m(x, y), model, src, tgt)
+    else:
+        logits = nnx.eval_shape(lambda m, y: m(y), model, tgt)
+    assert logits.shape == (B, T, config.data.vocab_size)
+    assert config.model.vocab_size == config.data.vocab_size
+    assert config.total_steps > 0 and config.data.tokens_per_batch > 0
+
+
+def test_table3_rows_change_what_the_paper_says():
+    base = load('table3', 'row=base')
+    assert (base.model.num_layers, base.model.emb_dim, base.model.mlp_dim) == (6, 512, 2048)
+    assert (base.model.num_heads, base.model.dropout_rate, base.label_smoothing) == (8, 0.1, 0.1)
+    b1 = configuration.model_config(load('table3', 'row=B1'))
+    assert (b1.head_qk_dim, b1.head_v_dim) == (16, 64)  # row B changes d_k alone
+    a4 = configuration.model_config(load('table3', 'row=A4'))
+    assert (a4.num_heads, a4.head_qk_dim, a4.head_v_dim) == (32, 16, 16)
+    assert load('table3', 'row=D4').label_smoothing == 0.2
+    assert load('table3', 'row=E').model.positions == 'learned'
+    big = load('table3', 'row=big')
+    assert (big.model.emb_dim, big.model.num_heads, big.model.dropout_rate) == (1024, 16, 0.3)
+    assert big.total_steps == 300_000
+
+
+def table3_params():
+    return {row: summarize(load('table3', f'row={row}'))['params'] for row in table3.ROWS}
+
+
+def test_table3_parameter_differences_match_the_paper():
+    """Each row's difference from base is the paper's within max(1M, 3% of it)."""
+    ours = table3_params()
+    paper_base = table3.PAPER['base'][2]
+    for row, (_, _, paper_millions) in table3.PAPER.items():
+        paper_diff = ((paper_millions or paper_base) - paper_base) * 1e6
+        our_diff = ours[row] - ours['base']
+        tolerance = max(1e6, 0.03 * abs(paper_diff))
+        assert abs(our_diff - paper_diff) <= tolerance, (row, our_diff, paper_diff)
+    assert 60e6 < ours['base'] < 66e6
+
+
+def test_config_overrides_are_typed_and_locked():
+    config = load('table3', 'row=base')
+    config.model.qk_dim = 32  # placeholder accepts an int
+    assert configuration.model_config(config).head_qk_dim == 32
+    config.data.vocab_size = 8000  # one vocabulary size for tokenizer and model
+    assert config.model.vocab_size == 8000
+    with pytest.raises(AttributeError, match='num_heads'):
+        config.model.num_head = 4  # typo: the locked config names the near miss
+
+
+@pytest.mark.parametrize(
+    'fields,match',
+    [
+        (dict(num_heads=6), r'num_heads=6 does not divide model.emb_dim=512'),
+        (dict(dropout_rate=1.5), r'dropout_rate=1.5 must be in \[0, 1\)'),
+        (dict(dropout_rate=-0.1), r'dropout_rate'),
+        (dict(attention_dropout_rate=1.0), r'attention_dropout_rate'),
+        (dict(vocab_size=4), r'vocab_size=4 leaves no room'),
+        (dict(num_layers=0), r'num_layers=0 must be a positive integer'),
+        (dict(emb_dim=15, num_heads=3), r'must be even for sinusoidal'),
+        (dict(positions='rotary'), r"positions='rotary' is not one of"),
+        (dict(attention='flash'), r"attention='flash' is not one of"),
+        (dict(dtype='int8'), r"dtype='int8'"),
+        (dict(attention='fused', attention_dropout_rate=0.1), r'attention_dropout_rate=0'),
+        (dict(qk_dim=0), r'qk_dim=0'),
+    ],
+)
+def test_bad_model_config_raises(fields, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**fields)
+
+
+def test_explicit_head_sizes_allow_any_head_count():
+    cfg = ModelConfig(num_heads=6, qk_dim=64, v_dim=32)
+    assert (cfg.head_qk_dim, cfg.head_v_dim) == (64, 32)
+
+
+def test_unknown_model_field_names_the_near_miss():
+    with pytest.raises(ValueError, match='Did you mean model.num_heads'):
+        ModelConfig.from_mapping({'num_head': 4})
+
+
+@pytest.mark.parametrize(
+    'name,arg,match',
+    [
+        ('table3', 'row=F1', r"row='F1' is not one of"),
+        ('table3', 'rows=A1', r"Unknown config argument 'rows'"),
+        ('wmt14', 'size=huge', r"size='huge' is not one of"),
+        ('wmt14', 'pair=en-xx', r"pair='en-xx'"),
+        ('l10n', 'size=giant', r"size='giant'"),
+        ('lm', 'dataset=c4', r"dataset='c4'"),
+        ('l10n', 'size', r'needs a value'),
+    ],
+)
+def test_bad_config_argument_raises(name, arg, match):
+    with pytest.raises(ValueError, match=match):
+        load(name, arg)
+
+
+def test_parse_arg_types():
+    arg = common.parse_arg(
+        'steps=5,runlocal,scale=0.5,name=x', steps=1, runlocal=False, scale=1.0, name=''
+    )
+    assert (arg.steps, arg.runlocal, arg.scale, arg.name) == (5, True, 0.5, 'x')

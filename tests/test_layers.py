@@ -1,0 +1,159 @@
+"""The NNX building blocks against float64 NumPy and hand-computed values."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from attn import attention, layers
+from tests.test_attention import numpy_attention
+
+
+def numpy_layer_norm(x, scale, bias, eps=1e-6):
+    x = np.asarray(x, np.float64)
+    mean = x.mean(-1, keepdims=True)
+    var = x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * np.asarray(scale) + np.asarray(bias)
+
+
+def numpy_mha(mha, x_q, x_kv, mask=None):
+    """MultiHead(Q, K, V) in float64 from the module's own weights."""
+    w = {
+        name: np.asarray(getattr(mha, name)[...], np.float64)
+        for name in ('query', 'key', 'value', 'out')
+    }
+    q = np.einsum('btd,dnk->btnk', x_q, w['query'])
+    k = np.einsum('bsd,dnk->bsnk', x_kv, w['key'])
+    v = np.einsum('bsd,dnh->bsnh', x_kv, w['value'])
+    heads, _ = numpy_attention(q, k, v, mask)
+    heads = heads * np.asarray(mha.head_mask[...])[:, None]
+    return np.einsum('btnh,nhd->btd', heads, w['out'])
+
+
+def test_sinusoid_at_known_positions():
+    D = 8
+    pe = np.asarray(layers.sinusoidal_positions(jnp.array([[0, 1, 5]]), D))[0]
+    np.testing.assert_allclose(pe[0], [0, 1, 0, 1, 0, 1, 0, 1], atol=1e-7)  # sin 0, cos 0
+    for dim in range(D):
+        i = dim // 2
+        angle = 5 / 10000 ** (2 * i / D)
+        expected = math.sin(angle) if dim % 2 == 0 else math.cos(angle)
+        assert pe[2, dim] == pytest.approx(expected, abs=1e-6)
+    assert pe[1, 0] == pytest.approx(math.sin(1.0), abs=1e-7)
+    assert pe[1, 1] == pytest.approx(math.cos(1.0), abs=1e-7)
+    assert pe[1, 2] == pytest.approx(math.sin(1 / 10000 ** (2 / D)), abs=1e-7)
+
+
+@pytest.mark.parametrize('implementation', ['reference', 'fused'])
+def test_multi_head_attention_matches_float64(implementation):
+    mha = layers.MultiHeadAttention(
+        12, 3, 4, 5, implementation=implementation, rngs=nnx.Rngs(0)
+    )  # d_k = 4 != d_v = 5
+    rng = np.random.default_rng(0)
+    x_q = rng.standard_normal((2, 3, 12)).astype(np.float32)
+    x_kv = rng.standard_normal((2, 6, 12)).astype(np.float32)
+    mask = attention.padding_mask(
+        jnp.ones((2, 3), bool), jnp.array([[1] * 6, [1] * 4 + [0] * 2], bool)
+    )
+    out = mha(x_q, x_kv, mask)
+    assert out.shape == (2, 3, 12)
+    assert np.abs(np.asarray(out) - numpy_mha(mha, x_q, x_kv, mask)).max() < 1e-5
+
+
+def test_head_mask_removes_exactly_that_head():
+    mha = layers.MultiHeadAttention(8, 2, 4, 4, rngs=nnx.Rngs(1))
+    x = np.random.default_rng(1).standard_normal((1, 4, 8)).astype(np.float32)
+    full = np.asarray(mha(x, x))
+    mha.head_mask[...] = jnp.array([1.0, 0.0])
+    ablated = np.asarray(mha(x, x))
+    assert not np.allclose(full, ablated)
+    np.testing.assert_allclose(ablated, numpy_mha(mha, x, x), atol=1e-5)
+    # Only head 0 contributes: its share of W^O applied to its output.
+    mha.head_mask[...] = jnp.array([1.0, 1.0])
+    np.testing.assert_allclose(np.asarray(mha(x, x)), full, atol=1e-6)
+
+
+def test_sown_attention_weights():
+    mha = layers.MultiHeadAttention(8, 2, 4, 4, implementation='fused', rngs=nnx.Rngs(2))
+    x = jnp.ones((2, 5, 8))
+    _, captured = nnx.capture(mha, nnx.Intermediate)(x, x)
+    assert not captured  # nothing sown unless asked
+    mha.capture_weights = True
+    _, captured = nnx.capture(mha, nnx.Intermediate)(x, x, attention.causal_mask(5))
+    (weights,) = captured['attention_weights'].get_value()
+    assert weights.shape == (2, 2, 5, 5)
+    np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, atol=1e-6)
+    assert float(jnp.triu(weights, 1).max()) == 0.0  # causal: nothing above the diagonal
+
+
+def test_feed_forward_matches_numpy():
+    ffn = layers.FeedForward(6, 10, dtype=jnp.float32, rngs=nnx.Rngs(3))
+    x = np.random.default_rng(3).standard_normal((2, 3, 6))
+    w1, b1 = np.asarray(ffn.wi.kernel[...]), np.asarray(ffn.wi.bias[...])
+    w2, b2 = np.asarray(ffn.wo.kernel[...]), np.asarray(ffn.wo.bias[...])
+    expected = np.maximum(0, x @ w1 + b1) @ w2 + b2
+    np.testing.assert_allclose(np.asarray(ffn(x.astype(np.float32))), expected, atol=1e-5)
+
+
+def test_embedding_scaled_and_tied():
+    embed = layers.Embed(11, 4, dtype=jnp.float32, rngs=nnx.Rngs(4))
+    table = np.asarray(embed.embedding[...])
+    np.testing.assert_allclose(
+        np.asarray(embed(jnp.array([[3, 7]])))[0], table[[3, 7]] * 2.0, rtol=1e-6
+    )
+    x = np.random.default_rng(4).standard_normal((1, 2, 4)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(embed.attend(x)), x @ table.T, rtol=1e-5, atol=1e-6)
+
+
+def test_learned_positions_lookup():
+    positions = layers.LearnedPositions(6, 4, rngs=nnx.Rngs(5))
+    table = np.asarray(positions.embedding[...])
+    np.testing.assert_array_equal(
+        np.asarray(positions(jnp.array([[0, 5, 2]])))[0], table[[0, 5, 2]]
+    )
+
+
+@pytest.mark.parametrize('pre_ln', [False, True])
+def test_residual_order(pre_ln):
+    """Post-LN: LayerNorm(x + Sublayer(x)); pre-LN: x + Sublayer(LayerNorm(x)) (no dropout)."""
+    block = layers.Residual(5, 0.0, pre_ln=pre_ln, dtype=jnp.float32, rngs=nnx.Rngs(6))
+    block.norm.scale[...] = jnp.linspace(0.5, 1.5, 5)
+    block.norm.bias[...] = jnp.linspace(-1, 1, 5)
+    scale, bias = np.asarray(block.norm.scale[...]), np.asarray(block.norm.bias[...])
+    x = np.random.default_rng(6).standard_normal((1, 3, 5))
+
+    def sublayer(h):
+        return h**2
+
+    got = np.asarray(block(jnp.asarray(x, jnp.float32), sublayer, deterministic=True, rngs=None))
+    if pre_ln:
+        expected = x + numpy_layer_norm(x, scale, bias) ** 2
+    else:
+        expected = numpy_layer_norm(x + x**2, scale, bias)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_residual_dropout_needs_rng_and_drops():
+    block = layers.Residual(4, 0.5, pre_ln=False, dtype=jnp.float32, rngs=nnx.Rngs(7))
+    x = jnp.ones((1, 8, 4))
+    same = block(x, lambda h: h * 3.0, deterministic=True, rngs=None)
+    dropped = block(x, lambda h: h * 3.0, deterministic=False, rngs=nnx.Rngs(dropout=0))
+    assert not np.allclose(same, dropped)
+    with pytest.raises(Exception):  # noqa: B017 - nnx raises its own error type
+        block(x, lambda h: h, deterministic=False, rngs=None)
+
+
+def test_kv_cache_guards():
+    mha = layers.MultiHeadAttention(8, 2, 4, 4, rngs=nnx.Rngs(8))
+    with pytest.raises(ValueError, match='init_cache'):
+        mha(jnp.ones((1, 1, 8)), jnp.ones((1, 1, 8)), decode=True)
+    mha.init_cache(1, 4)
+    with pytest.raises(ValueError, match='one position per call'):
+        mha(jnp.ones((1, 2, 8)), jnp.ones((1, 2, 8)), decode=True)
+    assert int(mha.cache_index[...]) == 0
+    mha(jnp.ones((1, 1, 8)), jnp.ones((1, 1, 8)), decode=True)
+    assert int(mha.cache_index[...]) == 1
+    assert jax.tree.leaves(nnx.state(mha, nnx.Cache))
