@@ -1,0 +1,1 @@
+"""Datasets (TFDS builders), the shared SentencePiece tokenizer and the Grain input pipeline."""
