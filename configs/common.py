@@ -79,6 +79,7 @@ def base_config(size: str = 'base') -> config_dict.ConfigDict:
     config.data.tokens_per_batch = 25000  # per side, per step (§5.1)
     config.data.max_length = 256  # training examples longer than this are filtered
     config.data.eval_split = 'validation'
+    config.data.eval_batch_size = 64  # examples per evaluation batch (one per row, none dropped)
 
     config.model = model_config(size)
     config.model.vocab_size = config.data.get_ref('vocab_size')

@@ -1,0 +1,130 @@
+"""Orbax checkpoints in `workdir/checkpoints/`: the train state, the data iterator's
+position and the config, saved together so a resumed run continues exactly.
+
+Items of each step: `state` (step, params, optimizer state; StandardSave), `data`
+(each host's Grain iterator state) and `config` (JSON). Saves are asynchronous.
+Restores go onto whatever devices the restoring process has, so a checkpoint written
+on 8 GPUs opens on a laptop CPU for analysis.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model; names the fix."""
+
+
+def _abstract(tree: Any) -> Any:
+    """Shape/dtype/sharding stand-ins for restoring onto `tree`'s devices."""
+
+    def leaf(x):
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return x
+
+    return jax.tree.map(leaf, tree)
+
+
+def _leaves_by_name(tree: Any) -> dict[str, Any]:
+    """{'params.encoder.layers.0....': leaf}, the same naming for arrays and metadata."""
+
+    def key_name(key) -> str:
+        for attribute in ('key', 'name', 'idx'):
+            if hasattr(key, attribute):
+                return str(getattr(key, attribute))
+        return str(key)
+
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {'.'.join(key_name(k) for k in path): leaf for path, leaf in flat}
+
+
+def check_compatible(saved: Any, expected: Any) -> None:
+    """Raises CheckpointError naming the first parameter whose shape differs."""
+    saved_leaves = _leaves_by_name(saved)
+    for name, leaf in _leaves_by_name(expected).items():
+        if name not in saved_leaves:
+            raise CheckpointError(
+                f'The checkpoint has no {name}: it was written by a different model. '
+                'Use a new --workdir, or the config the checkpoint was trained with '
+                '(saved in its config.json).'
+            )
+        saved_shape = tuple(getattr(saved_leaves[name], 'shape', ()))
+        if saved_shape != tuple(np.shape(leaf)):
+            raise CheckpointError(
+                f'{name} has shape {saved_shape} in the checkpoint but {tuple(np.shape(leaf))} '
+                'in this config. Use a new --workdir, or the config the checkpoint was '
+                'trained with (saved in its config.json).'
+            )
+
+
+class Checkpointer:
+    """Saves and restores (state, data iterator, config) by step."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True):
+        self.directory = epath.Path(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=('state', 'data', 'config')
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iterator=None, config: dict | None = None) -> None:
+        items = {'state': ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+        if config is not None:
+            items['config'] = ocp.args.JsonSave(config)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        logging.info('Saving checkpoint of step %d to %s', step, self.directory)
+
+    def restore(self, target_state: Any, data_iterator=None, step: int | None = None) -> Any:
+        """Restores the state onto `target_state`'s shapes and devices (and the iterator)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f'No checkpoint in {self.directory}.')
+        try:
+            saved = self.manager.item_metadata(step)['state']
+        except Exception as error:  # noqa: BLE001 - any unreadable checkpoint
+            raise CheckpointError(
+                f'Checkpoint {step} in {self.directory} cannot be read ({error}). Delete that '
+                'step directory to fall back to an earlier one, or start a new --workdir.'
+            ) from error
+        check_compatible(saved, target_state)
+        items = {'state': ocp.args.StandardRestore(_abstract(target_state))}
+        if data_iterator is not None:
+            items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        logging.info('Restored checkpoint of step %d from %s', step, self.directory)
+        return restored['state']
+
+    def restore_config(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+            'config'
+        ]
+
+    def reached_preemption(self, step: int) -> bool:
+        return self.manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

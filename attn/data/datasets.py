@@ -1,0 +1,178 @@
+"""From `config.data` to ready inputs: TFDS data sources (array_record), the shared
+tokenizer and the Grain iterators over them.
+
+The embedded corpus (`l10n_translate`) is built on demand. WMT14 and LM1B come from
+TFDS's own builders and are prepared ahead of a launch (`python -m attn.prepare`), on a
+machine with internet; here they are only read, never downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import tensorflow_datasets as tfds
+from absl import logging
+
+from attn.data import pipeline
+from attn.data import tokenizer as tokenizer_lib
+
+EMBEDDED = 'l10n_translate'
+# Hosts the TFDS builders download from, checked before a download is attempted (an
+# offline TFDS download otherwise retries for minutes before failing).
+DOWNLOAD_HOSTS = {'wmt14_translate': 'www.statmt.org', 'lm1b': 'www.statmt.org'}
+
+
+class DataError(RuntimeError):
+    """A dataset that is missing or cannot be built; the message says how to get it."""
+
+
+def builder_name(data_config) -> str:
+    """'name/config' as TFDS spells it (just 'name' when there is no builder config)."""
+    return f'{data_config.name}/{data_config.config}' if data_config.config else data_config.name
+
+
+def data_dir(data_config) -> str:
+    """config.data.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+    return os.path.expanduser(data_config.data_dir or tfds.core.constants.DATA_DIR)
+
+
+def features(config) -> tuple[str, ...]:
+    """(source, target) text features for translation, (text,) for a language model."""
+    if config.model_kind == 'lm':
+        return (config.data.target_lang,)
+    return (config.data.source_lang, config.data.target_lang)
+
+
+def _host_reachable(host: str, timeout: float = 5.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _missing(data_config, reason: str) -> DataError:
+    name = builder_name(data_config)
+    return DataError(
+        f'Dataset {name} is not prepared in {data_dir(data_config)} ({reason}). On a machine with '
+        f'internet run: python -m attn.prepare --config=<this config> '
+        f'--config.data.data_dir=/shared/tensorflow_datasets, then point '
+        f'--config.data.data_dir at that shared directory.'
+    )
+
+
+def builder(data_config, *, prepare: bool = False) -> tfds.core.DatasetBuilder:
+    """The dataset's TFDS builder, prepared as array_record.
+
+    The embedded corpus is built whenever it is missing; other datasets are built only
+    with `prepare=True` and only when their download host answers.
+    """
+    directory = data_dir(data_config)
+    if data_config.name == EMBEDDED:
+        from attn.data import l10n_translate  # registers the builder
+
+        return l10n_translate.prepare(data_config.config, directory)
+    try:
+        dataset = tfds.builder(
+            builder_name(data_config), data_dir=directory, file_format='array_record'
+        )
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise DataError(f'Unknown TFDS dataset {builder_name(data_config)}: {error}') from error
+    if dataset.is_prepared():
+        return dataset
+    if not prepare:
+        raise _missing(data_config, 'not built yet')
+    host = DOWNLOAD_HOSTS.get(data_config.name)
+    if host and not _host_reachable(host):
+        raise _missing(data_config, f'{host} cannot be reached from here')
+    logging.info('Building %s in %s (array_record)...', builder_name(data_config), directory)
+    dataset.download_and_prepare(file_format='array_record')
+    return dataset
+
+
+def sources(dataset: tfds.core.DatasetBuilder, splits: Sequence[str]) -> dict[str, Any]:
+    """Random-access array_record sources for `splits`."""
+    return {split: dataset.as_data_source(split=split) for split in splits}
+
+
+def load_tokenizer(
+    config, dataset: tfds.core.DatasetBuilder, train_source
+) -> tokenizer_lib.Tokenizer:
+    """The shared SentencePiece model, trained on the training split the first time."""
+    names = features(config)
+
+    def sentences():
+        for i in range(len(train_source)):
+            example = train_source[i]
+            for name in names:
+                yield example[name]
+
+    fingerprint = f'{dataset.info.full_name}:{len(train_source)}'
+    return tokenizer_lib.train_or_load(
+        sentences,
+        directory=os.path.join(data_dir(config.data), 'tokenizers'),
+        name=builder_name(config.data).replace('/', '-'),
+        vocab_size=config.data.vocab_size,
+        fingerprint=fingerprint,
+    )
+
+
+@dataclasses.dataclass
+class Data:
+    """A tokenizer and the splits a run reads, with the iterators the loop consumes."""
+
+    tokenizer: tokenizer_lib.Tokenizer
+    features: tuple[str, ...]
+    splits: dict[str, Any]
+
+    def train_iterator(self, config):
+        """Packed, shuffled, host-sharded training batches (checkpointable)."""
+        rows = pipeline.batch_rows(
+            config.data.tokens_per_batch,
+            config.data.max_length,
+            jax.process_count(),
+            jax.device_count(),
+        )
+        return pipeline.train_batches(
+            self.splits['train'],
+            self.tokenizer,
+            features=self.features,
+            rows=rows * config.grad_accum_steps,
+            length=config.data.max_length,
+            seed=config.seed,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
+
+    def eval_batches(self, config, split: str | None = None) -> Iterator[dict]:
+        """Every example of `split` (default config.data.eval_split), one per row."""
+        rows = max(1, config.data.eval_batch_size // jax.process_count())
+        local = jax.local_device_count()
+        rows = -(-rows // local) * local  # a multiple of this host's devices
+        return pipeline.eval_batches(
+            self.splits[split or config.data.eval_split],
+            self.tokenizer,
+            features=self.features,
+            rows=rows,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
+
+
+def load(config, splits: Sequence[str] | None = None) -> Data:
+    """Opens (building the embedded corpus if needed) the splits a run reads."""
+    splits = list(splits or dict.fromkeys(['train', config.data.eval_split]))
+    dataset = builder(config.data)
+    opened = sources(dataset, sorted(set(splits) | {'train'}))
+    tokenizer = load_tokenizer(config, dataset, opened['train'])
+    if tokenizer.vocab_size != config.data.vocab_size:
+        raise DataError(
+            f'The tokenizer has {tokenizer.vocab_size} pieces but config.data.vocab_size is '
+            f'{config.data.vocab_size}.'
+        )
+    return Data(tokenizer, features(config), opened)

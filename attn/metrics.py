@@ -1,0 +1,73 @@
+"""Where training reports go: TensorBoard event files (no TensorFlow needed),
+`metrics.jsonl` for scripts, and a console progress bar. Process 0 writes; the
+others keep quiet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import tqdm
+from tensorboardX import SummaryWriter
+
+
+class MetricsWriter:
+    """Writes scalar rows to `workdir/tensorboard/` and `workdir/metrics.jsonl`."""
+
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        self._tensorboard = None
+        self._jsonl = None
+        if self.active:
+            self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+            self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')  # noqa: SIM115
+
+    def write(self, step: int, scalars: dict[str, float], split: str | None = None) -> None:
+        """One row: {'step': s, ...scalars} (eval rows carry 'split')."""
+        if not self.active:
+            return
+        row = {'step': int(step), **({'split': split} if split else {})}
+        row |= {name: float(value) for name, value in scalars.items()}
+        self._jsonl.write(json.dumps(row) + '\n')
+        self._jsonl.flush()
+        prefix = f'{split}/' if split else 'train/'
+        for name, value in scalars.items():
+            self._tensorboard.add_scalar(prefix + name, float(value), int(step))
+        self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self._tensorboard.close()
+            self._jsonl.close()
+
+
+class Progress:
+    """Console bar: step, loss, learning rate, target tokens/s and ETA (process 0 only)."""
+
+    def __init__(self, first_step: int, total_steps: int):
+        self._bar = tqdm.tqdm(
+            total=total_steps,
+            initial=first_step,
+            disable=jax.process_index() != 0,
+            unit='step',
+            dynamic_ncols=True,
+        )
+        self._time = time.perf_counter()
+
+    def update(self, step: int) -> None:
+        self._bar.update(step - self._bar.n)
+
+    def report(self, scalars: dict[str, float], tokens: float) -> float:
+        """Shows the latest scalars; returns target tokens/s since the last report."""
+        now = time.perf_counter()
+        tokens_per_s = tokens / max(now - self._time, 1e-9)
+        self._time = now
+        shown = {name: f'{value:.4g}' for name, value in scalars.items()}
+        self._bar.set_postfix(shown | {'tok/s': f'{tokens_per_s:,.0f}'}, refresh=True)
+        return tokens_per_s
+
+    def close(self) -> None:
+        self._bar.close()
