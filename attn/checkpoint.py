@@ -75,8 +75,13 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
+        handlers = {
+            'state': ocp.StandardCheckpointHandler(),
+            'data': grain.checkpoint.CheckpointHandler(),
+            'config': ocp.JsonCheckpointHandler(),
+        }
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=('state', 'data', 'config')
+            self.directory, options=options, item_handlers=handlers
         )
 
     def latest_step(self) -> int | None:
@@ -113,6 +118,18 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         logging.info('Restored checkpoint of step %d from %s', step, self.directory)
         return restored['state']
+
+    def restore_arrays(self, step: int | None = None) -> Any:
+        """The saved state as written (nested dicts of arrays), on this process's first
+        device, whatever topology wrote it: for analysis and averaging."""
+        step = self.latest_step() if step is None else step
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+            self.manager.item_metadata(step)['state'],
+        )
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        return self.manager.restore(step, args=args)['state']
 
     def restore_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step

@@ -216,7 +216,7 @@ def train_step(
     grads, sums = _gradients(state.params, rest, graphdef, batch, step_rng, cfg)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = _means(sums) | {'grad_norm': optax.global_norm(grads)}
+    metrics = _means(sums) | {'grad_norm': optax.tree.norm(grads)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -1,0 +1,39 @@
+"""Prints the losses of 20 train steps of a tiny model (dropout on) as JSON.
+
+Run in its own process: `XLA_FLAGS=--xla_force_host_platform_device_count=N python -m
+tests.multidevice_losses`; the test compares 1 device with 4.
+"""
+
+import json
+
+import jax
+import numpy as np
+
+from attn import sharding, train
+from attn.model import ModelConfig, build_model
+from configs import common
+
+
+def losses(steps: int = 20) -> list[float]:
+    jax.config.update('jax_threefry_partitionable', True)
+    cfg = ModelConfig(vocab_size=64, num_layers=2, emb_dim=32, num_heads=4, mlp_dim=64)
+    optimizer = common.base_config('tiny').optimizer
+    optimizer.warmup_steps = 10
+    tx = train.make_optimizer(optimizer, cfg.emb_dim)
+    mesh = sharding.make_mesh()
+    graphdef, rest, state = train.create_state('transformer', cfg, 0, tx, mesh)
+    step_fn, _ = train.compile_steps(graphdef, rest, tx, train.StepConfig('transformer', 0.1), mesh)
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(steps):
+        batch = {
+            'inputs': rng.integers(4, 64, (8, 12)).astype(np.int32),
+            'targets': rng.integers(4, 64, (8, 10)).astype(np.int32),
+        }
+        state, metrics = step_fn(state, sharding.global_batch(mesh, batch), jax.random.PRNGKey(0))
+        out.append(float(metrics['loss']))
+    return out
+
+
+if __name__ == '__main__':
+    print(json.dumps({'devices': jax.device_count(), 'losses': losses()}))  # noqa: T201

@@ -1,0 +1,51 @@
+"""A toy EN-DE corpus (word-for-word translation) and its tokenizer, for training tests."""
+
+import random
+
+from attn.data import datasets
+from attn.data import tokenizer as tokenizer_lib
+from configs import l10n
+
+EN = 'the a cat dog sees runs house garden red blue small big quickly slowly under over and with'
+DE = 'der ein katze hund sieht läuft haus garten rot blau klein groß schnell langsam unter über und mit'
+VOCAB_SIZE = 320
+
+
+def corpus(size: int, seed: int) -> list[dict[str, bytes]]:
+    rng = random.Random(seed)
+    lexicon = dict(zip(EN.split(), DE.split(), strict=True))
+    examples = []
+    for _ in range(size):
+        words = [rng.choice(list(lexicon)) for _ in range(rng.randint(3, 10))]
+        examples.append(
+            {'en': ' '.join(words).encode(), 'de': ' '.join(lexicon[w] for w in words).encode()}
+        )
+    return examples
+
+
+def data(directory) -> datasets.Data:
+    train = corpus(2000, seed=0)
+    tokenizer = tokenizer_lib.train_or_load(
+        lambda: (text for example in train for text in example.values()),
+        directory=directory,
+        name='toy',
+        vocab_size=VOCAB_SIZE,
+    )
+    return datasets.Data(tokenizer, ('en', 'de'), {'train': train, 'validation': corpus(40, seed=1)})
+
+
+def config(**overrides):
+    """configs/l10n.py:size=tiny on the toy vocabulary, with `overrides` (dotted keys)."""
+    config = l10n.get_config('size=tiny')
+    config.data.vocab_size = VOCAB_SIZE
+    config.total_steps = 6
+    config.log_every_steps = 2
+    config.eval_every_steps = 3
+    config.checkpoint_every_steps = 3
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split('.')
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
