@@ -27,6 +27,8 @@ def initialize_distributed(
     (SLURM, TPU pods, Kubernetes, ...). Outside any cluster it raises; a plain
     one-host run then simply continues alone.
     """
+    # Cross-process collectives between CPU devices (tests, CPU clusters) go through gloo.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     if coordinator_address is not None or num_processes is not None:
         jax.distributed.initialize(
             coordinator_address=coordinator_address,

@@ -1,10 +1,13 @@
 """Prints the losses of 20 train steps of a tiny model (dropout on) as JSON.
 
 Run in its own process: `XLA_FLAGS=--xla_force_host_platform_device_count=N python -m
-tests.multidevice_losses`; the test compares 1 device with 4.
+tests.multidevice_losses [coordinator num_processes process_id]`; the tests compare 1
+device with 4, and 2 processes of 2 devices with 1 process of 4. Each process feeds its
+own rows of the batch.
 """
 
 import json
+import sys
 
 import jax
 import numpy as np
@@ -30,10 +33,17 @@ def losses(steps: int = 20) -> list[float]:
             'inputs': rng.integers(4, 64, (8, 12)).astype(np.int32),
             'targets': rng.integers(4, 64, (8, 10)).astype(np.int32),
         }
-        state, metrics = step_fn(state, sharding.global_batch(mesh, batch), jax.random.PRNGKey(0))
+        rows = 8 // jax.process_count()
+        local = {
+            k: v[jax.process_index() * rows : (jax.process_index() + 1) * rows]
+            for k, v in batch.items()
+        }
+        state, metrics = step_fn(state, sharding.global_batch(mesh, local), jax.random.PRNGKey(0))
         out.append(float(metrics['loss']))
     return out
 
 
 if __name__ == '__main__':
+    if len(sys.argv) == 4:
+        sharding.initialize_distributed(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
     print(json.dumps({'devices': jax.device_count(), 'losses': losses()}))  # noqa: T201

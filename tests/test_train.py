@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -51,7 +52,12 @@ def test_schedule_at_known_steps():
 
 def _tiny_state(**model_overrides):
     cfg = ModelConfig(
-        vocab_size=32, num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32, dropout_rate=0.0,
+        vocab_size=32,
+        num_layers=1,
+        emb_dim=16,
+        num_heads=2,
+        mlp_dim=32,
+        dropout_rate=0.0,
         **model_overrides,
     )
     optimizer = common.base_config('tiny').optimizer
@@ -107,11 +113,21 @@ def test_gradient_accumulation_equals_larger_batch():
     batch['targets'][0, 2:] = 0  # unequal token counts across microbatches
     rng = jax.random.PRNGKey(0)
     one, m1 = train.train_step(
-        state, batch, rng, graphdef=graphdef, rest=rest, tx=tx,
+        state,
+        batch,
+        rng,
+        graphdef=graphdef,
+        rest=rest,
+        tx=tx,
         cfg=train.StepConfig('transformer', 0.1, grad_accum_steps=1),
     )
     four, m4 = train.train_step(
-        state, batch, rng, graphdef=graphdef, rest=rest, tx=tx,
+        state,
+        batch,
+        rng,
+        graphdef=graphdef,
+        rest=rest,
+        tx=tx,
         cfg=train.StepConfig('transformer', 0.1, grad_accum_steps=4),
     )
     assert float(m1['loss']) == pytest.approx(float(m4['loss']), rel=1e-6)
@@ -119,13 +135,26 @@ def test_gradient_accumulation_equals_larger_batch():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def _losses_on(devices: int) -> list[float]:
+def _losses_process(devices: int, *args: str) -> subprocess.Popen:
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-    out = subprocess.run(
-        [sys.executable, '-m', 'tests.multidevice_losses'],
-        cwd=REPO, env=env, capture_output=True, text=True, check=True,
-    ).stdout
-    result = json.loads(out.strip().splitlines()[-1])
+    return subprocess.Popen(
+        [sys.executable, '-m', 'tests.multidevice_losses', *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _result(process: subprocess.Popen) -> dict:
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _losses_on(devices: int) -> list[float]:
+    result = _result(_losses_process(devices))
     assert result['devices'] == devices
     return result['losses']
 
@@ -134,6 +163,20 @@ def test_one_device_equals_four_devices_with_dropout():
     one, four = np.array(_losses_on(1)), np.array(_losses_on(4))
     assert len(one) == 20
     assert np.max(np.abs(one - four) / np.abs(one)) <= 1e-5
+
+
+def test_two_processes_equal_one_process_of_four_devices():
+    """jax.distributed on loopback: 2 processes x 2 CPU devices == 1 process x 4 devices."""
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        port = probe.getsockname()[1]
+    coordinator = f'127.0.0.1:{port}'
+    processes = [_losses_process(2, coordinator, '2', str(i)) for i in range(2)]
+    results = [_result(p) for p in processes]
+    assert all(r['devices'] == 4 for r in results)
+    one = np.array(_losses_on(4))
+    for result in results:
+        assert np.max(np.abs(np.array(result['losses']) - one) / np.abs(one)) <= 1e-5
 
 
 def _params(workdir):
