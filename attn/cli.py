@@ -10,6 +10,8 @@ from absl import app
 from attn.model import ConfigError
 
 COMMANDS = {
+    'prepare': 'build a config\'s dataset and tokenizer ahead of a launch',
+    'train': 'train a config in a workdir (resumes from its latest checkpoint)',
     'summary': 'parameters per module and FLOPs per token of a config',
 }
 

@@ -274,20 +274,52 @@ class _Preemption:
         self.requested = True
 
 
-def _fetch(pending: list[dict]) -> dict[str, float]:
-    """Means of the steps since the last report; raises on a non-finite loss."""
-    rows = jax.device_get(pending)
-    losses = np.array([row['loss'] for row in rows])
-    if not np.isfinite(losses).all():
-        raise FloatingPointError(
-            f'Non-finite training loss ({losses[~np.isfinite(losses)][0]}) within the last '
-            f'{len(rows)} steps; stopping. The last checkpoint in the workdir predates it. '
-            'Try a lower optimizer.lr_scale, optimizer.grad_clip_norm > 0, or float32.'
-        )
-    tokens = float(sum(row['tokens'] for row in rows))
-    means = {name: float(np.mean([row[name] for row in rows])) for name in ('loss', 'nll')}
-    means['grad_norm'] = float(rows[-1]['grad_norm'])
-    return means | {'tokens': tokens}
+class _Reporter:
+    """Keeps each step's metrics on device and fetches them only at report time.
+
+    `flush` raises on a non-finite loss, so it runs before every checkpoint: a saved
+    state never follows a non-finite loss.
+    """
+
+    def __init__(self, workdir: str, start: int, total: int, schedule: optax.Schedule):
+        self.writer = metrics_lib.MetricsWriter(workdir)
+        self.progress = metrics_lib.Progress(start, total)
+        self.schedule = schedule
+        self.pending: list[dict] = []
+
+    def add(self, step: int, step_metrics: dict) -> None:
+        self.pending.append(step_metrics)
+        self.progress.update(step)
+
+    def flush(self, step: int, write: bool) -> None:
+        if not self.pending:
+            return
+        rows, self.pending = jax.device_get(self.pending), []
+        losses = np.array([row['loss'] for row in rows])
+        if not np.isfinite(losses).all():
+            raise FloatingPointError(
+                f'Non-finite training loss ({losses[~np.isfinite(losses)][0]}) within the '
+                f'{len(rows)} steps up to {step}; stopping. The last checkpoint in the workdir '
+                'predates it. Try a lower optimizer.lr_scale, optimizer.grad_clip_norm > 0, '
+                'or model.dtype="float32".'
+            )
+        if write:
+            scalars = {
+                name: float(np.mean([row[name] for row in rows])) for name in ('loss', 'nll')
+            }
+            scalars['grad_norm'] = float(rows[-1]['grad_norm'])
+            scalars['learning_rate'] = float(self.schedule(step - 1))
+            tokens = float(sum(row['tokens'] for row in rows))
+            scalars['tokens_per_s'] = self.progress.report(scalars, tokens)
+            self.writer.write(step, scalars)
+
+    def write_eval(self, step: int, split: str, result: dict[str, float]) -> None:
+        self.writer.write(step, result, split=split)
+        logging.info('step %d %s: %s', step, split, result)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.writer.close()
 
 
 def evaluate_loss(eval_step, params, batches, mesh) -> dict[str, float]:
@@ -323,45 +355,33 @@ def train_and_evaluate(config, workdir: str, data: datasets.Data | None = None) 
     step_cfg = StepConfig(config.model_kind, config.label_smoothing, config.grad_accum_steps)
     train, evaluate = compile_steps(graphdef, rest, tx, step_cfg, mesh)
 
-    writer = metrics_lib.MetricsWriter(workdir)
     rng = jax.random.PRNGKey(config.seed)
     schedule = learning_rate_schedule(
         cfg.emb_dim, config.optimizer.warmup_steps, config.optimizer.lr_scale
     )
     preemption = _Preemption()
-    start = int(state.step)
-    progress = metrics_lib.Progress(start, config.total_steps)
-    pending, result = [], {}
+    reporter = _Reporter(workdir, int(state.step), config.total_steps, schedule)
+    result = {}
     try:
-        for step in range(start + 1, config.total_steps + 1):
-            batch = sharding.global_batch(mesh, next(train_iter))
-            state, step_metrics = train(state, batch, rng)
-            pending.append(step_metrics)
-            progress.update(step)
+        for step in range(int(state.step) + 1, config.total_steps + 1):
+            state, step_metrics = train(state, sharding.global_batch(mesh, next(train_iter)), rng)
+            reporter.add(step, step_metrics)
             last = step == config.total_steps
             stop = preemption.requested or ckpt.reached_preemption(step)
-            if step % config.log_every_steps == 0 or last or stop:
-                scalars = _fetch(pending)
-                pending = []
-                tokens = scalars.pop('tokens')
-                scalars['learning_rate'] = float(schedule(step - 1))
-                scalars['tokens_per_s'] = progress.report(scalars, tokens)
-                writer.write(step, scalars)
-            if step % config.eval_every_steps == 0 or last:
+            save = last or stop or step % config.checkpoint_every_steps == 0
+            log = last or stop or step % config.log_every_steps == 0
+            if log or save:
+                reporter.flush(step, write=log)
+            if last or step % config.eval_every_steps == 0:
                 result = evaluate_loss(evaluate, state.params, data.eval_batches(config), mesh)
-                writer.write(step, result, split=config.data.eval_split)
-                logging.info('step %d %s: %s', step, config.data.eval_split, result)
-            if step % config.checkpoint_every_steps == 0 or last or stop:
-                if pending:
-                    _fetch(pending)  # never save a state that followed a non-finite loss
-                    pending = []
+                reporter.write_eval(step, config.data.eval_split, result)
+            if save:
                 ckpt.save(step, state, train_iter, config.to_dict())
             if stop:
                 break
     finally:
         ckpt.wait()
-        progress.close()
-        writer.close()
+        reporter.close()
     return result
 
 
