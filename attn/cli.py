@@ -5,12 +5,13 @@ from __future__ import annotations
 import importlib
 import sys
 
-from absl import app
+from absl import app, flags
+from ml_collections import config_flags
 
 from attn.model import ConfigError
 
 COMMANDS = {
-    'prepare': 'build a config\'s dataset and tokenizer ahead of a launch',
+    'prepare': "build a config's dataset and tokenizer ahead of a launch",
     'train': 'train a config in a workdir (resumes from its latest checkpoint)',
     'summary': 'parameters per module and FLOPs per token of a config',
 }
@@ -24,6 +25,29 @@ def main() -> None:
     command = sys.argv[1]
     sys.argv = [f'attn {command}', *sys.argv[2:]]
     importlib.import_module(f'attn.{command}').run()
+
+
+def define_config_flag() -> None:
+    """--config=configs/NAME.py[:args] plus --config.a.b=v overrides (once per process).
+
+    Commands define their flags in `run()`, not at import, so that importing several
+    command modules (as tests and notebooks do) never defines a flag twice.
+    """
+    if 'config' not in flags.FLAGS:
+        config_flags.DEFINE_config_file(
+            'config',
+            None,
+            'Experiment config file, e.g. configs/l10n.py:size=tiny.',
+            lock_config=True,
+        )
+
+
+def config(required: bool = True):
+    """The --config value; a usage error when missing and required."""
+    value = flags.FLAGS.config
+    if value is None and required:
+        raise app.UsageError('--config is required, e.g. --config=configs/l10n.py')
+    return value
 
 
 def run(main) -> None:

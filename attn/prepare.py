@@ -15,13 +15,9 @@ import time
 
 import jax
 import numpy as np
-from absl import app
-from ml_collections import config_flags
 
 from attn import cli
 from attn.data import datasets, pipeline
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 
 SAMPLE = 2000  # examples tokenized for the mean length
 PACKED_BATCHES = 8  # batches packed for the efficiency figure
@@ -73,14 +69,13 @@ def prepare(config) -> dict:
 
 def main(argv):
     del argv
-    if _CONFIG.value is None:
-        raise app.UsageError('--config is required, e.g. --config=configs/l10n.py')
-    summary = prepare(_CONFIG.value)
+    summary = prepare(cli.config())
     if jax.process_index() == 0:
         print(json.dumps(summary))  # noqa: T201 - the command's report
 
 
 def run():
+    cli.define_config_flag()
     cli.run(main)
 
 

@@ -13,20 +13,11 @@ import collections
 import json
 
 import jax
-from absl import app, flags
+from absl import flags
 from flax import nnx
-from ml_collections import config_flags
 
 from attn import cli, configuration
 from attn.model import ModelConfig, build_model
-
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config file.', lock_config=True
-)
-_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
-_LENGTH = flags.DEFINE_integer(
-    'length', None, 'Source and target length for FLOPs (default: config.data.max_length).'
-)
 
 
 def module_params(model: nnx.Module) -> dict[str, int]:
@@ -94,17 +85,20 @@ def format_table(summary: dict) -> str:
 
 def main(argv):
     del argv
-    if _CONFIG.value is None:
-        raise app.UsageError('--config is required, e.g. --config=configs/l10n.py')
     jax.config.update('jax_platforms', 'cpu')  # shapes only; never touch an accelerator
-    summary = summarize(_CONFIG.value, _LENGTH.value)
-    if _JSON.value:
+    summary = summarize(cli.config(), flags.FLAGS.length)
+    if flags.FLAGS.json:
         print(json.dumps(summary))  # noqa: T201 - the command's output
     else:
         print(format_table(summary))  # noqa: T201
 
 
 def run():
+    cli.define_config_flag()
+    flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
+    flags.DEFINE_integer(
+        'length', None, 'Source and target length for FLOPs (default: config.data.max_length).'
+    )
     cli.run(main)
 
 

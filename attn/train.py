@@ -22,7 +22,6 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx, struct
-from ml_collections import config_flags
 
 from attn import checkpoint, cli, configuration, sharding
 from attn import metrics as metrics_lib
@@ -387,30 +386,31 @@ def train_and_evaluate(config, workdir: str, data: datasets.Data | None = None) 
 
 # -------------------------------------------------------------------------------- CLI
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config file.', lock_config=True
-)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'host:port of process 0 (only where no cluster is auto-detected).'
-)
-_NUM_PROCESSES = flags.DEFINE_integer(
-    'num_processes', None, 'Processes in the run (with --coordinator_address).'
-)
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (with --coordinator_address).')
-
 
 def main(argv):
     del argv
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError('--config and --workdir are required.')
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    FLAGS = flags.FLAGS
+    if FLAGS.workdir is None:
+        raise app.UsageError('--workdir is required.')
+    config = cli.config()
+    sharding.initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
+    result = train_and_evaluate(config, FLAGS.workdir)
     if jax.process_index() == 0:
         print(json.dumps(result))  # noqa: T201 - the command's report
 
 
 def run():
+    cli.define_config_flag()
+    flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
+    flags.DEFINE_string(
+        'coordinator_address', None, 'host:port of process 0, where no cluster is auto-detected.'
+    )
+    flags.DEFINE_integer(
+        'num_processes', None, 'Processes in the run (with --coordinator_address).'
+    )
+    flags.DEFINE_integer('process_id', None, 'This process (with --coordinator_address).')
     cli.run(main)
 
 
