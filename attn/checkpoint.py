@@ -19,8 +19,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from attn.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; names the fix."""
 
 

@@ -8,6 +8,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from attn.errors import UserError
 from attn.model import ConfigError
 
 COMMANDS = {
@@ -51,12 +52,12 @@ def config(required: bool = True):
 
 
 def run(main) -> None:
-    """`absl.app.run(main)`, reporting a `ConfigError` as one line instead of a traceback."""
+    """`absl.app.run(main)`, reporting the user's errors as one line, not a traceback."""
 
     def guarded(argv):
         try:
             return main(argv)
-        except ConfigError as error:
+        except (ConfigError, UserError) as error:
             sys.stderr.write(f'error: {error}\n')
             raise SystemExit(2) from None
 

@@ -9,6 +9,7 @@ machine with internet; here they are only read, never downloaded.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import socket
 from collections.abc import Iterator, Sequence
@@ -20,14 +21,17 @@ from absl import logging
 
 from attn.data import pipeline
 from attn.data import tokenizer as tokenizer_lib
+from attn.errors import UserError
 
 EMBEDDED = 'l10n_translate'
 # Hosts the TFDS builders download from, checked before a download is attempted (an
 # offline TFDS download otherwise retries for minutes before failing).
 DOWNLOAD_HOSTS = {'wmt14_translate': 'www.statmt.org', 'lm1b': 'www.statmt.org'}
+# TFDS modules that register builders only once imported.
+REGISTERING_MODULES = {'wmt14_translate': 'tensorflow_datasets.translate.wmt14'}
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A dataset that is missing or cannot be built; the message says how to get it."""
 
 
@@ -77,6 +81,8 @@ def builder(data_config, *, prepare: bool = False) -> tfds.core.DatasetBuilder:
         from attn.data import l10n_translate  # registers the builder
 
         return l10n_translate.prepare(data_config.config, directory)
+    if data_config.name in REGISTERING_MODULES:
+        importlib.import_module(REGISTERING_MODULES[data_config.name])
     try:
         dataset = tfds.builder(
             builder_name(data_config), data_dir=directory, file_format='array_record'

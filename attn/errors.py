@@ -1,0 +1,5 @@
+"""Errors that are the user's to fix; commands report them as one line, not a traceback."""
+
+
+class UserError(Exception):
+    """A missing dataset, an unreadable checkpoint, ...: the message names the fix."""
