@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from attn import sharding, train
-from attn.model import ModelConfig, build_model
+from attn.model import ModelConfig
 from configs import common
 
 

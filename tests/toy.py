@@ -7,7 +7,10 @@ from attn.data import tokenizer as tokenizer_lib
 from configs import l10n
 
 EN = 'the a cat dog sees runs house garden red blue small big quickly slowly under over and with'
-DE = 'der ein katze hund sieht läuft haus garten rot blau klein groß schnell langsam unter über und mit'
+DE = (
+    'der ein katze hund sieht läuft haus garten rot blau klein groß schnell langsam unter über '
+    'und mit'
+)
 VOCAB_SIZE = 320
 
 
@@ -31,7 +34,9 @@ def data(directory) -> datasets.Data:
         name='toy',
         vocab_size=VOCAB_SIZE,
     )
-    return datasets.Data(tokenizer, ('en', 'de'), {'train': train, 'validation': corpus(40, seed=1)})
+    return datasets.Data(
+        tokenizer, ('en', 'de'), {'train': train, 'validation': corpus(40, seed=1)}
+    )
 
 
 def config(**overrides):
