@@ -68,12 +68,25 @@ class MultiHeadAttention(nnx.Module):
         self.cache_index: nnx.Cache | None = nnx.data(None)
 
     def init_cache(self, batch_size: int, max_length: int) -> None:
-        """Allocates the key/value cache for incremental (one token per call) decoding."""
+        """Self-attention: an empty key/value cache filled one position per decode call."""
         _, N, K = self.key.shape
         H = self.value.shape[-1]
         self.cache_key = nnx.Cache(jnp.zeros((batch_size, max_length, N, K), self.dtype))
         self.cache_value = nnx.Cache(jnp.zeros((batch_size, max_length, N, H), self.dtype))
         self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
+
+    def init_cross_cache(self, inputs_kv: jax.Array) -> None:
+        """Encoder-decoder attention: keys/values of the source [B, S, D], projected once.
+
+        Decode calls then read them instead of projecting `inputs_kv` again (no cache
+        index: nothing is appended).
+        """
+        x_kv = inputs_kv.astype(self.dtype)
+        self.cache_key = nnx.Cache(jnp.einsum('BSD,DNK->BSNK', x_kv, self.key[...].astype(self.dtype)))
+        self.cache_value = nnx.Cache(
+            jnp.einsum('BSD,DNH->BSNH', x_kv, self.value[...].astype(self.dtype))
+        )
+        self.cache_index = None
 
     def _append_to_cache(
         self, key: jax.Array, value: jax.Array
@@ -115,18 +128,22 @@ class MultiHeadAttention(nnx.Module):
             covers the cache ([.., .., 1, L]) and is combined with the cache's own.
           deterministic: False applies attention dropout (if configured).
           rngs: provides the 'dropout' stream when not deterministic.
-          decode: self-attention one position at a time over the key/value cache.
+          decode: one query position per call over the cache: appended to for
+            self-attention (`init_cache`), read for cross-attention (`init_cross_cache`).
         Returns:
           [B, T, D].
         """
         dtype = self.dtype
-        x_q, x_kv = inputs_q.astype(dtype), inputs_kv.astype(dtype)
-        query = jnp.einsum('BTD,DNK->BTNK', x_q, self.query[...].astype(dtype))  # [B, T, N, K]
-        key = jnp.einsum('BSD,DNK->BSNK', x_kv, self.key[...].astype(dtype))  # [B, S, N, K]
-        value = jnp.einsum('BSD,DNH->BSNH', x_kv, self.value[...].astype(dtype))  # [B, S, N, H]
-        if decode:
-            key, value, written = self._append_to_cache(key, value)  # [B, L, N, K], [B, L, N, H]
-            mask = attention_lib.combine_masks(mask, written)
+        query = jnp.einsum('BTD,DNK->BTNK', inputs_q.astype(dtype), self.query[...].astype(dtype))
+        if decode and self.cache_key is not None and self.cache_index is None:
+            key, value = self.cache_key[...], self.cache_value[...]  # projected source
+        else:
+            x_kv = inputs_kv.astype(dtype)
+            key = jnp.einsum('BSD,DNK->BSNK', x_kv, self.key[...].astype(dtype))  # [B, S, N, K]
+            value = jnp.einsum('BSD,DNH->BSNH', x_kv, self.value[...].astype(dtype))  # [B, S, N, H]
+            if decode:
+                key, value, written = self._append_to_cache(key, value)  # [B, L, N, *]
+                mask = attention_lib.combine_masks(mask, written)
 
         dropout_rate = 0.0 if deterministic else self.attention_dropout_rate
         dropout_rng = rngs.dropout() if dropout_rate > 0.0 else None

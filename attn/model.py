@@ -275,7 +275,7 @@ class DecoderLayer(nnx.Module):
             y = self.cross_attention_residual(
                 y,
                 lambda h: self.cross_attention(
-                    h, encoded, cross_mask, deterministic=deterministic, rngs=rngs
+                    h, encoded, cross_mask, deterministic=deterministic, rngs=rngs, decode=decode
                 ),
                 deterministic=deterministic,
                 rngs=rngs,
@@ -334,10 +334,14 @@ class Decoder(nnx.Module):
                 cfg.emb_dim, cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, rngs=rngs
             )
 
-    def init_cache(self, batch_size: int, max_length: int) -> None:
-        """Key/value caches of every self-attention, for decode=True calls."""
+    def init_cache(self, batch_size: int, max_length: int, encoded=None) -> None:
+        """Caches for decode=True calls: every self-attention's keys/values (filled one
+        position per call) and, given `encoded` [B, S, D], the source's keys/values of
+        every encoder-decoder attention (projected once here)."""
         for layer in self.layers:
             layer.self_attention.init_cache(batch_size, max_length)
+            if layer.cross_attention is not None and encoded is not None:
+                layer.cross_attention.init_cross_cache(encoded)
 
     def __call__(
         self,
@@ -356,7 +360,8 @@ class Decoder(nnx.Module):
         Args:
           decoder_inputs: [B, T] ids (targets shifted right; with decode=True one step, T=1).
           segments, positions: [B, T]; with decode=True `positions` must hold the step.
-          encoded: [B, S, D] encoder output (None for a decoder-only model).
+          encoded: [B, S, D] encoder output (None for a decoder-only model, or with
+            decode=True once `init_cache` has projected it).
           encoder_segments: [B, S] segment ids of the source.
         Returns:
           [B, T, V] logits.
@@ -370,7 +375,7 @@ class Decoder(nnx.Module):
                 attention_lib.causal_mask(decoder_inputs.shape[1]),
             )  # [B, 1, T, T]
         cross_mask = None
-        if encoded is not None:
+        if encoder_segments is not None:
             cross_mask = attention_lib.segment_mask(segments, encoder_segments)  # [B, 1, T, S]
         y = self.embedder(decoder_inputs, positions, deterministic=deterministic, rngs=rngs)
         for layer in self.layers:

@@ -23,12 +23,12 @@ def get_config(arg=None):
     config.data.tokens_per_batch = 4096
     config.data.max_length = 128
     config.data.eval_split = 'validation'
-    config.total_steps = 2000
-    config.optimizer.warmup_steps = 400
-    config.optimizer.lr_scale = 2.0
-    config.log_every_steps = 50
-    config.eval_every_steps = 500
-    config.checkpoint_every_steps = 500
+    config.total_steps = 700  # ~15 minutes on 2 CPU cores (size=small)
+    config.optimizer.warmup_steps = 200
+    config.optimizer.lr_scale = 1.0
+    config.log_every_steps = 25
+    config.eval_every_steps = 350
+    config.checkpoint_every_steps = 100  # the last 5 are kept for averaging
     if arg.size == 'tiny':
         config.data.vocab_size = 512
         config.data.tokens_per_batch = 512

@@ -112,10 +112,10 @@ def test_incremental_decoding_equals_full_forward():
     full = np.asarray(model(inputs, targets))
     encoded = model.encode(inputs)
     decoder_inputs = shift_right(targets)
-    model.decoder.init_cache(batch_size=2, max_length=5)
+    model.decoder.init_cache(batch_size=2, max_length=5, encoded=encoded)
     steps = [
         model.decode(
-            encoded,
+            None,  # decode=True reads the source's keys/values from the cache
             inputs,
             decoder_inputs[:, t : t + 1],
             targets_position=jnp.full((2, 1), t),
