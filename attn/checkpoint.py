@@ -37,8 +37,8 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(leaf, tree)
 
 
-def _leaves_by_name(tree: Any) -> dict[str, Any]:
-    """{'params.encoder.layers.0....': leaf}, the same naming for arrays and metadata."""
+def _path_name(path) -> str:
+    """'encoder.layers.0.self_attention.query.value' for any pytree key path."""
 
     def key_name(key) -> str:
         for attribute in ('key', 'name', 'idx'):
@@ -46,8 +46,21 @@ def _leaves_by_name(tree: Any) -> dict[str, Any]:
                 return str(getattr(key, attribute))
         return str(key)
 
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {'.'.join(key_name(k) for k in path): leaf for path, leaf in flat}
+    return '.'.join(key_name(k) for k in path)
+
+
+def _leaves_by_name(tree: Any) -> dict[str, Any]:
+    """{'params.encoder.layers.0....': leaf}, the same naming for arrays and metadata."""
+    return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def into_structure(target: Any, saved: Any) -> Any:
+    """`saved` (nested dicts, as `restore_arrays` gives) rebuilt in `target`'s pytree
+    structure (e.g. an nnx.State), after checking every shape."""
+    check_compatible(saved, target)
+    by_name = _leaves_by_name(saved)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target)
+    return jax.tree_util.tree_unflatten(treedef, [by_name[_path_name(p)] for p, _ in flat])
 
 
 def check_compatible(saved: Any, expected: Any) -> None:
@@ -147,3 +160,8 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def average(trees: list[Any]) -> Any:
+    """Element-wise mean of parameter trees (the paper averages the last 5 or 20, §6.1)."""
+    return jax.tree.map(lambda *leaves: sum(leaves) / len(leaves), *trees)

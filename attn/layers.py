@@ -81,11 +81,10 @@ class MultiHeadAttention(nnx.Module):
         Decode calls then read them instead of projecting `inputs_kv` again (no cache
         index: nothing is appended).
         """
-        x_kv = inputs_kv.astype(self.dtype)
-        self.cache_key = nnx.Cache(jnp.einsum('BSD,DNK->BSNK', x_kv, self.key[...].astype(self.dtype)))
-        self.cache_value = nnx.Cache(
-            jnp.einsum('BSD,DNH->BSNH', x_kv, self.value[...].astype(self.dtype))
-        )
+        x_kv, dtype = inputs_kv.astype(self.dtype), self.dtype
+        key = jnp.einsum('BSD,DNK->BSNK', x_kv, self.key[...].astype(dtype))  # [B, S, N, K]
+        value = jnp.einsum('BSD,DNH->BSNH', x_kv, self.value[...].astype(dtype))  # [B, S, N, H]
+        self.cache_key, self.cache_value = nnx.Cache(key), nnx.Cache(value)
         self.cache_index = None
 
     def _append_to_cache(
