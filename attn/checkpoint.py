@@ -49,7 +49,7 @@ def _path_name(path) -> str:
     return '.'.join(key_name(k) for k in path)
 
 
-def _leaves_by_name(tree: Any) -> dict[str, Any]:
+def leaves_by_name(tree: Any) -> dict[str, Any]:
     """{'params.encoder.layers.0....': leaf}, the same naming for arrays and metadata."""
     return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -58,15 +58,15 @@ def into_structure(target: Any, saved: Any) -> Any:
     """`saved` (nested dicts, as `restore_arrays` gives) rebuilt in `target`'s pytree
     structure (e.g. an nnx.State), after checking every shape."""
     check_compatible(saved, target)
-    by_name = _leaves_by_name(saved)
+    by_name = leaves_by_name(saved)
     flat, treedef = jax.tree_util.tree_flatten_with_path(target)
     return jax.tree_util.tree_unflatten(treedef, [by_name[_path_name(p)] for p, _ in flat])
 
 
 def check_compatible(saved: Any, expected: Any) -> None:
     """Raises CheckpointError naming the first parameter whose shape differs."""
-    saved_leaves = _leaves_by_name(saved)
-    for name, leaf in _leaves_by_name(expected).items():
+    saved_leaves = leaves_by_name(saved)
+    for name, leaf in leaves_by_name(expected).items():
         if name not in saved_leaves:
             raise CheckpointError(
                 f'The checkpoint has no {name}: it was written by a different model. '
