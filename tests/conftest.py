@@ -10,6 +10,10 @@ import jax  # noqa: E402
 _CACHE = pathlib.Path(
     os.environ.get('ATTN_TEST_JAX_CACHE', pathlib.Path.home() / '.cache' / 'attn-jax')
 )
+# Through the environment, so the subprocesses that tests start share the cache too.
+os.environ['JAX_COMPILATION_CACHE_DIR'] = str(_CACHE)
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.1'
+os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 jax.config.update('jax_compilation_cache_dir', str(_CACHE))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.1)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

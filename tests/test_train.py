@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -206,6 +207,40 @@ def test_train_writes_the_workdir_and_resumes_exactly(toy_data, tmp_path):
     step_a, params_a = _params(whole)
     step_b, params_b = _params(split)
     assert step_a == step_b == 6
+    assert max(float(np.abs(a - b).max()) for a, b in zip(params_a, params_b, strict=True)) == 0.0
+
+
+def _toy_run(workdir, tokenizer_dir) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, '-m', 'tests.toy_train', str(workdir), str(tokenizer_dir)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_kill_9_and_restart_equals_an_uninterrupted_run(tmp_path):
+    """SIGKILL once a checkpoint exists (mid-run, possibly mid-save), then rerun."""
+    tokenizers = tmp_path / 'tokenizers'
+    whole = _toy_run(tmp_path / 'whole', tokenizers)
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()[-3000:]
+
+    killed = _toy_run(tmp_path / 'killed', tokenizers)
+    checkpoints = tmp_path / 'killed' / 'checkpoints'
+    deadline = time.monotonic() + 300
+    while not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+        assert killed.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(float(np.random.default_rng().uniform(0, 2)))  # somewhere after it
+    killed.kill()
+    killed.wait()
+    again = _toy_run(tmp_path / 'killed', tokenizers)
+    assert again.wait(timeout=300) == 0, again.stderr.read()[-3000:]
+
+    step_a, params_a = _params(str(tmp_path / 'whole'))
+    step_b, params_b = _params(str(tmp_path / 'killed'))
+    assert step_a == step_b == 12
     assert max(float(np.abs(a - b).max()) for a, b in zip(params_a, params_b, strict=True)) == 0.0
 
 

@@ -1,0 +1,14 @@
+"""Trains the toy config in a workdir: `python -m tests.toy_train WORKDIR TOKENIZER_DIR`.
+
+A separate process, so a test can kill it with SIGKILL mid-run and start it again.
+"""
+
+import sys
+
+from attn import train
+from tests import toy
+
+if __name__ == '__main__':
+    workdir, tokenizer_dir = sys.argv[1:3]
+    config = toy.config(total_steps=12, checkpoint_every_steps=2, keep_checkpoints=3)
+    train.train_and_evaluate(config, workdir, toy.data(tokenizer_dir))
