@@ -68,11 +68,15 @@ class MultiHeadAttention(nnx.Module):
         self.cache_index: nnx.Cache | None = nnx.data(None)
 
     def init_cache(self, batch_size: int, max_length: int) -> None:
-        """Self-attention: an empty key/value cache filled one position per decode call."""
+        """Self-attention: an empty key/value cache filled one position per decode call.
+
+        Caches are stored head-major, [B, N, L, *]: writing one position and reading
+        them back then needs no relayout of the whole cache at each step on CPU.
+        """
         _, N, K = self.key.shape
         H = self.value.shape[-1]
-        self.cache_key = nnx.Cache(jnp.zeros((batch_size, max_length, N, K), self.dtype))
-        self.cache_value = nnx.Cache(jnp.zeros((batch_size, max_length, N, H), self.dtype))
+        self.cache_key = nnx.Cache(jnp.zeros((batch_size, N, max_length, K), self.dtype))
+        self.cache_value = nnx.Cache(jnp.zeros((batch_size, N, max_length, H), self.dtype))
         self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
 
     def init_cross_cache(self, inputs_kv: jax.Array) -> None:
@@ -84,7 +88,8 @@ class MultiHeadAttention(nnx.Module):
         x_kv, dtype = inputs_kv.astype(self.dtype), self.dtype
         key = jnp.einsum('BSD,DNK->BSNK', x_kv, self.key[...].astype(dtype))  # [B, S, N, K]
         value = jnp.einsum('BSD,DNH->BSNH', x_kv, self.value[...].astype(dtype))  # [B, S, N, H]
-        self.cache_key, self.cache_value = nnx.Cache(key), nnx.Cache(value)
+        self.cache_key = nnx.Cache(key.transpose(0, 2, 1, 3))  # [B, N, S, K]
+        self.cache_value = nnx.Cache(value.transpose(0, 2, 1, 3))  # [B, N, S, H]
         self.cache_index = None
 
     def _append_to_cache(
@@ -93,7 +98,7 @@ class MultiHeadAttention(nnx.Module):
         """Writes one step's key/value [B, 1, N, *] at the cache index.
 
         Returns the whole cache ([B, L, N, K], [B, L, N, H]) and the mask
-        [1, 1, 1, L] of the positions written so far.
+        [1, 1, 1, L] of the positions written so far. (Stored as [B, N, L, *].)
         """
         if self.cache_key is None:
             raise ValueError('decode=True needs init_cache(batch_size, max_length) first.')
@@ -102,13 +107,22 @@ class MultiHeadAttention(nnx.Module):
                 f'Incremental decoding takes one position per call, got {key.shape[1]}.'
             )
         index = self.cache_index[...]
-        cached_key = jax.lax.dynamic_update_slice(self.cache_key[...], key, (0, index, 0, 0))
-        cached_value = jax.lax.dynamic_update_slice(self.cache_value[...], value, (0, index, 0, 0))
+        start = (0, 0, index, 0)
+        cached_key = jax.lax.dynamic_update_slice(
+            self.cache_key[...], key.transpose(0, 2, 1, 3), start
+        )  # [B, N, L, K]
+        cached_value = jax.lax.dynamic_update_slice(
+            self.cache_value[...], value.transpose(0, 2, 1, 3), start
+        )  # [B, N, L, H]
         self.cache_key[...] = cached_key
         self.cache_value[...] = cached_value
         self.cache_index[...] = index + 1
-        written = jnp.arange(cached_key.shape[1]) <= index  # [L]
-        return cached_key, cached_value, written[None, None, None, :]
+        written = jnp.arange(cached_key.shape[2]) <= index  # [L]
+        return (
+            cached_key.transpose(0, 2, 1, 3),  # [B, L, N, K]
+            cached_value.transpose(0, 2, 1, 3),  # [B, L, N, H]
+            written[None, None, None, :],
+        )
 
     def __call__(
         self,
@@ -135,7 +149,8 @@ class MultiHeadAttention(nnx.Module):
         dtype = self.dtype
         query = jnp.einsum('BTD,DNK->BTNK', inputs_q.astype(dtype), self.query[...].astype(dtype))
         if decode and self.cache_key is not None and self.cache_index is None:
-            key, value = self.cache_key[...], self.cache_value[...]  # projected source
+            key = self.cache_key[...].transpose(0, 2, 1, 3)  # projected source [B, S, N, K]
+            value = self.cache_value[...].transpose(0, 2, 1, 3)  # [B, S, N, H]
         else:
             x_kv = inputs_kv.astype(dtype)
             key = jnp.einsum('BSD,DNK->BSNK', x_kv, self.key[...].astype(dtype))  # [B, S, N, K]

@@ -396,9 +396,21 @@ def main(argv):
     sharding.initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )
-    result = train_and_evaluate(config, FLAGS.workdir)
+    report = {
+        'step': config.total_steps,
+        config.data.eval_split: train_and_evaluate(config, FLAGS.workdir),
+    }
+    if config.bleu_at_end and config.model_kind == 'transformer':
+        from attn import evaluate  # decoding is needed only here
+
+        if jax.process_count() == 1:
+            report[config.data.test_split] = evaluate.evaluate(
+                FLAGS.workdir, split=config.data.test_split
+            )
+        else:
+            logging.info('bleu_at_end runs in one process: use python -m attn.evaluate.')
     if jax.process_index() == 0:
-        print(json.dumps(result))  # noqa: T201 - the command's report
+        print(json.dumps(report, ensure_ascii=False))  # noqa: T201 - the command's report
 
 
 def run():

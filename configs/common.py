@@ -79,6 +79,7 @@ def base_config(size: str = 'base') -> config_dict.ConfigDict:
     config.data.tokens_per_batch = 25000  # per side, per step (§5.1)
     config.data.max_length = 256  # training examples longer than this are filtered
     config.data.eval_split = 'validation'
+    config.data.test_split = 'test'  # scored by attn.evaluate (and by bleu_at_end)
     config.data.eval_batch_size = 64  # examples per evaluation batch (one per row, none dropped)
 
     config.model = model_config(size)
@@ -102,6 +103,7 @@ def base_config(size: str = 'base') -> config_dict.ConfigDict:
     config.decode.alpha = 0.6  # length penalty
     config.decode.max_extra_length = 50  # max output length = input length + 50
 
+    config.bleu_at_end = False  # decode the test split with beam search after the last step
     config.log_every_steps = 100
     config.eval_every_steps = 1000
     config.checkpoint_every_steps = 1000
