@@ -14,6 +14,8 @@ from attn.model import ConfigError
 COMMANDS = {
     'prepare': "build a config's dataset and tokenizer ahead of a launch",
     'train': 'train a config in a workdir (resumes from its latest checkpoint)',
+    'evaluate': 'BLEU and perplexity of a checkpoint on a whole split',
+    'translate': 'translate stdin line by line (or continue prompts with a language model)',
     'summary': 'parameters per module and FLOPs per token of a config',
 }
 

@@ -82,12 +82,16 @@ def evaluate(
     step: int | None = None,
     beam_size: int | None = None,
     alpha: float | None = None,
+    data: datasets.Data | None = None,
 ) -> dict:
-    """Scores a checkpoint (or an average of the last few) on a split; writes the report."""
+    """Scores a checkpoint (or an average of the last few) on a split; writes the report.
+
+    `data` defaults to the run's dataset (`datasets.load` of its saved config).
+    """
     start = time.perf_counter()
     run = restore.load(workdir, step=step, average_last=average_last)
     config = run.config
-    data = datasets.load(config, [split])
+    data = data or datasets.load(config, [split])
     report = {
         'workdir': os.path.abspath(workdir),
         'split': split,

@@ -34,9 +34,8 @@ def data(directory) -> datasets.Data:
         name='toy',
         vocab_size=VOCAB_SIZE,
     )
-    return datasets.Data(
-        tokenizer, ('en', 'de'), {'train': train, 'validation': corpus(40, seed=1)}
-    )
+    splits = {'train': train, 'validation': corpus(40, seed=1), 'test': corpus(24, seed=2)}
+    return datasets.Data(tokenizer, ('en', 'de'), splits)
 
 
 def config(**overrides):

@@ -1,0 +1,75 @@
+"""attn.evaluate and attn.translate on a toy run: reports, files, and awkward input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from attn import evaluate, restore, train, translate
+from attn.errors import UserError
+from tests import toy
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    directory = tmp_path_factory.mktemp('run')
+    data = toy.data(directory / 'tokenizer')
+    workdir = str(directory / 'workdir')
+    train.train_and_evaluate(toy.config(), workdir, data)
+    return workdir, data
+
+
+def test_evaluate_reports_bleu_perplexity_and_writes_it(trained):
+    workdir, data = trained
+    report = evaluate.evaluate(workdir, split='test', average_last=2, beam_size=2, data=data)
+    assert report['examples'] == 24 and report['checkpoint_steps'] == [3, 6]
+    assert 0.0 <= report['sacrebleu']['bleu'] <= 100.0
+    assert 'tok:13a' in report['sacrebleu']['signature']
+    assert 0.0 <= report['paper_bleu']['bleu'] <= 100.0
+    assert report['perplexity'] == pytest.approx(np.exp(report['nll']))
+    assert report['decode']['beam_size'] == 2 and report['decode']['target_tokens_per_s'] > 0
+    with open(os.path.join(workdir, 'eval', 'test-6-avg2.json')) as f:
+        assert json.load(f)['sacrebleu'] == report['sacrebleu']
+
+
+def test_every_example_is_translated_in_order(trained):
+    workdir, data = trained
+    run = restore.load(workdir)
+    hypotheses, generated = evaluate.translate_split(run, data, 'test', beam_size=1, alpha=0.6)
+    assert len(hypotheses) == len(data.splits['test']) and generated >= len(hypotheses)
+    first = translate.encode_batch([data.splits['test'][0]['en'].decode()], data.tokenizer, 64, 1)
+    alone = list(
+        translate.translate_lines(
+            run,
+            data.tokenizer,
+            [data.splits['test'][0]['en'].decode()],
+            batch_size=4,
+            beam_size=1,
+            alpha=0.6,
+            max_input_tokens=64,
+        )
+    )
+    assert first.shape[0] == 1 and alone == hypotheses[:1]
+
+
+def test_translate_keeps_empty_lines_and_cuts_long_ones(trained, caplog):
+    workdir, data = trained
+    run = restore.load(workdir)
+    lines = ['the cat sees the dog', '', '   ', ' '.join(['the red house'] * 40)]
+    out = list(
+        translate.translate_lines(
+            run, data.tokenizer, lines, batch_size=3, beam_size=2, alpha=0.6, max_input_tokens=16
+        )
+    )
+    assert len(out) == 4 and out[1] == '' and out[2] == ''
+    assert 'Line 4 has' in caplog.text and '--max_input_tokens' in caplog.text
+    cut = translate.encode_batch([lines[3]], data.tokenizer, 16, 4)
+    assert cut.shape == (1, 16) and cut[0, -1] == 3  # EOS kept at the cut
+
+
+def test_invalid_utf8_names_the_line():
+    lines = translate.read_lines([b'fine\n', b'also fine\r\n', b'bad \xff byte\n'])
+    assert next(lines) == 'fine' and next(lines) == 'also fine'
+    with pytest.raises(UserError, match='Input line 3 is not valid UTF-8'):
+        next(lines)
