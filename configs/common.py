@@ -120,3 +120,17 @@ def apply_runlocal(config: config_dict.ConfigDict) -> None:
     config.log_every_steps = 1
     config.eval_every_steps = 5
     config.checkpoint_every_steps = 5
+
+
+def finalize(config: config_dict.ConfigDict, arg: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """The shared last steps of every get_config: `size=tiny` shrinks the data to CPU-test
+    scale, `runlocal` the run; then the config is locked against typos."""
+    if arg.get('size') == 'tiny':
+        config.data.vocab_size = 512
+        config.data.tokens_per_batch = 512
+        config.data.max_length = 32
+        config.total_steps = 20
+    if arg.runlocal:
+        apply_runlocal(config)
+    config.lock()
+    return config

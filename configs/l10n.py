@@ -30,12 +30,4 @@ def get_config(arg=None):
     config.log_every_steps = 25
     config.eval_every_steps = 350
     config.checkpoint_every_steps = 100  # the last 5 are kept for averaging
-    if arg.size == 'tiny':
-        config.data.vocab_size = 512
-        config.data.tokens_per_batch = 512
-        config.data.max_length = 32
-        config.total_steps = 20
-    if arg.runlocal:
-        common.apply_runlocal(config)
-    config.lock()
-    return config
+    return common.finalize(config, arg)

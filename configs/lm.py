@@ -30,12 +30,4 @@ def get_config(arg=None):
     config.data.max_length = 256
     config.total_steps = 10_000
     config.label_smoothing = 0.0  # a language model is scored by perplexity
-    if arg.size == 'tiny':
-        config.data.vocab_size = 512
-        config.data.tokens_per_batch = 512
-        config.data.max_length = 32
-        config.total_steps = 20
-    if arg.runlocal:
-        common.apply_runlocal(config)
-    config.lock()
-    return config
+    return common.finalize(config, arg)

@@ -71,7 +71,4 @@ def get_config(arg=None):
     config.label_smoothing = LABEL_SMOOTHING.get(arg.row, 0.1)
     config.total_steps = TOTAL_STEPS.get(arg.row, 100_000)
     config.keep_checkpoints = 1  # Table 3 uses no checkpoint averaging
-    if arg.runlocal:
-        common.apply_runlocal(config)
-    config.lock()
-    return config
+    return common.finalize(config, arg)

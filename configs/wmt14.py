@@ -31,7 +31,4 @@ def get_config(arg=None):
         config.keep_checkpoints = 20
         if arg.pair == 'fr-en':
             config.model.dropout_rate = 0.1
-    if arg.runlocal:
-        common.apply_runlocal(config)
-    config.lock()
-    return config
+    return common.finalize(config, arg)
