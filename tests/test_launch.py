@@ -35,3 +35,24 @@ def test_local_launcher_needs_config_and_workdir():
         ['bash', str(ROOT / 'launch' / 'local.sh')], capture_output=True, text=True
     )
     assert result.returncode == 2 and 'usage' in result.stderr
+
+
+def test_sweep_dry_run_lists_every_table3_row():
+    result = subprocess.run(
+        [
+            'python',
+            str(ROOT / 'launch' / 'sweep.py'),
+            'experiments/table3',
+            '--dry_run',
+            '--root=/tmp/x',
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = [line.split('\t') for line in result.stdout.strip().splitlines()]
+    assert len(rows) == 20
+    assert len({workdir for _, workdir, _, _ in rows}) == 20
+    assert {name for name, *_ in rows} >= {'base', 'A1', 'B1', 'C7', 'D4', 'E', 'big'}
+    assert all(state == 'new' and 'attn.train' in command for _, _, state, command in rows)

@@ -1,0 +1,17 @@
+"""Table 3: every row of the paper's variations on the base model, one run each.
+
+    python launch/sweep.py experiments/table3 --dry_run     # one line per run
+    python launch/sweep.py experiments/table3               # run them here, one after another
+    python launch/sweep.py experiments/table3 --slurm       # one SLURM job per run
+
+Each run trains configs/table3.py:row=R (WMT14 EN-DE, 100K steps; big 300K) and scores
+newstest2013 (the validation split) without checkpoint averaging, as the paper's Table 3.
+"""
+
+from configs import table3
+
+
+def get_sweep(arg=None):
+    """[(name, config argument for `--config`)], one per Table 3 row."""
+    del arg
+    return [(row, f'configs/table3.py:row={row}') for row in table3.ROWS]

@@ -1,0 +1,111 @@
+"""Expands a sweep into runs, each in its own workdir, and runs or submits them.
+
+    python launch/sweep.py experiments/table3 --dry_run
+    python launch/sweep.py experiments/table3 [--root=runs/table3] [-- --config.seed=1]
+    python launch/sweep.py experiments/table3 --slurm
+
+A sweep is a folder with sweep.py defining get_sweep(arg) -> [(name, config)]. Each run
+trains `python -m attn.train --config=CONFIG --workdir=ROOT/NAME` and then scores its
+config's evaluation split with `python -m attn.evaluate`. Finished runs (an evaluation
+report at the config's last step) are skipped; unfinished ones resume from their
+checkpoints. Locally runs go one after another; --slurm submits one job per run with
+launch/slurm.sbatch.
+"""
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # configs/ is imported from the repository root
+
+
+def load_sweep(folder: str, arg: str | None) -> list[tuple[str, str]]:
+    path = pathlib.Path(folder) / 'sweep.py'
+    if not path.exists():
+        raise SystemExit(f'{path} does not exist: a sweep folder holds sweep.py with get_sweep().')
+    spec = importlib.util.spec_from_file_location('sweep', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_sweep(arg)
+
+
+def load_config(config: str):
+    """The ConfigDict of 'configs/NAME.py:arg'."""
+    file, _, arg = config.partition(':')
+    module = importlib.import_module('configs.' + pathlib.Path(file).stem)
+    return module.get_config(arg or None)
+
+
+def status(workdir: pathlib.Path, config) -> str:
+    split = config.data.eval_split
+    if (workdir / 'eval' / f'{split}-{config.total_steps}.json').exists():
+        return 'done'
+    checkpoints = workdir / 'checkpoints'
+    steps = (
+        [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()]
+        if checkpoints.exists()
+        else []
+    )
+    return f'resume from {max(steps)}' if steps else 'new'
+
+
+def commands(name: str, config: str, workdir: pathlib.Path, split: str, extra: list[str]):
+    train = [
+        sys.executable,
+        '-m',
+        'attn.train',
+        f'--config={config}',
+        f'--workdir={workdir}',
+        *extra,
+    ]
+    evaluate = [sys.executable, '-m', 'attn.evaluate', f'--workdir={workdir}', f'--split={split}']
+    return train, evaluate
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument('sweep', help='folder with sweep.py, e.g. experiments/table3')
+    parser.add_argument('--arg', default=None, help='argument passed to get_sweep')
+    parser.add_argument(
+        '--root', default=None, help='parent of the run workdirs (default runs/<sweep>)'
+    )
+    parser.add_argument('--dry_run', action='store_true', help='print one line per run and stop')
+    parser.add_argument('--slurm', action='store_true', help='submit each run with sbatch')
+    parser.add_argument('extra', nargs='*', help='flags for every run, after --')
+    args = parser.parse_args()
+    runs = load_sweep(args.sweep, args.arg)
+    root = pathlib.Path(args.root or pathlib.Path('runs') / pathlib.Path(args.sweep).name)
+    names = [name for name, _ in runs]
+    if len(set(names)) != len(names):
+        raise SystemExit(f'Run names must be distinct: {names}')
+    for name, config_arg in runs:
+        config = load_config(config_arg)
+        workdir = root / name
+        state = status(workdir, config)
+        train, evaluate = commands(name, config_arg, workdir, config.data.eval_split, args.extra)
+        print(f'{name}\t{workdir}\t{state}\t{" ".join(train[1:])}', flush=True)
+        if args.dry_run or state == 'done':
+            continue
+        if args.slurm:
+            if not shutil.which('sbatch'):
+                raise SystemExit('--slurm needs sbatch on this machine.')
+            env = dict(os.environ, CONFIG=config_arg, WORKDIR=str(workdir))
+            subprocess.run(
+                ['sbatch', f'--job-name={name}', str(ROOT / 'launch' / 'slurm.sbatch')],
+                env=env,
+                check=True,
+            )
+        else:
+            subprocess.run(train, check=True)
+            subprocess.run(evaluate, check=True)
+
+
+if __name__ == '__main__':
+    main()
