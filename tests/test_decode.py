@@ -303,3 +303,21 @@ def test_top_k_samples_only_the_k_best(lm):
     for row, (n, p) in enumerate(zip(lengths(tokens), PROMPT_LENGTHS, strict=True)):
         picked = np.take_along_axis(logits[row, p:n], tokens[row, p:n, None], -1)[:, 0]
         assert np.all(picked >= second[row, p:n] - TOL)
+
+
+@pytest.mark.parametrize('beam_size', [1, 3])
+def test_translate_pads_batches_without_changing_results(model, beam_size):
+    """decode.translate buckets shapes (3 x 6 -> 4 x 8); the sentences come out the same."""
+    if beam_size == 1:
+        direct = np.asarray(decode.greedy_search(model, INPUTS, max_extra_length=5))
+    else:
+        direct, _ = decode.beam_search(model, INPUTS, beam_size=3, max_extra_length=5)
+        direct = np.asarray(direct)
+    padded = decode.translate(model, INPUTS, beam_size=beam_size, max_extra_length=5)
+    assert padded.shape[0] == 3
+    width = max(direct.shape[1], padded.shape[1])
+
+    def widen(x):
+        return np.pad(x, ((0, 0), (0, width - x.shape[1])))
+
+    np.testing.assert_array_equal(widen(padded), widen(direct))
