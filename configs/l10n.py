@@ -5,6 +5,10 @@ LibreOffice translation packages, on a CPU in minutes.
     python -m attn.train --config=configs/l10n.py:pair=en-fr,size=base --workdir=runs/l10n-fr
 
 Sizes: tiny (tests), small (the quickstart), base (the paper's base, for a GPU).
+
+Measured (size=small, 2 CPU cores, from an empty data dir): 17.0 minutes in all, 700 steps
+at ~3,200 target tokens/s; validation perplexity 20.2; test sacreBLEU 14.8 (paper-style
+tokenized BLEU 15.0) with beam 4.
 """
 
 from configs import common
