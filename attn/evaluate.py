@@ -36,27 +36,37 @@ def perplexity(run: restore.Run, data: datasets.Data, split: str) -> dict[str, f
 
 
 def translate_split(
-    run: restore.Run, data: datasets.Data, split: str, *, beam_size: int, alpha: float
+    model, config, data: datasets.Data, split: str, *, beam_size: int, alpha: float
 ) -> tuple[list[str], int]:
-    """Detokenized translations of every example of `split`, in order, and the number
-    of target tokens generated (EOS included)."""
+    """Detokenized translations of every example of `data.splits[split]`, in order, and
+    the number of target tokens generated (EOS included)."""
     translations: dict[int, str] = {}
     generated = 0
-    for batch in data.eval_batches(run.config, split):
-        tokens = np.asarray(
-            decode.translate(
-                run.model,
-                batch['inputs'],
-                beam_size=beam_size,
-                alpha=alpha,
-                max_extra_length=run.config.decode.max_extra_length,
-            )
+    for batch in data.eval_batches(config, split):
+        tokens = decode.translate(
+            model,
+            batch['inputs'],
+            beam_size=beam_size,
+            alpha=alpha,
+            max_extra_length=config.decode.max_extra_length,
         )
         for index, row in zip(batch['index'], tokens, strict=True):
             if index >= 0:
                 translations[int(index)] = data.tokenizer.decode(row)
                 generated += _length(row)
     return [translations[i] for i in range(len(translations))], generated
+
+
+def sample_bleu(model, config, data: datasets.Data, split: str, examples: int) -> float:
+    """sacreBLEU of the first `examples` of a split, with the config's beam search (for
+    monitoring during training)."""
+    source = data.splits[split]
+    sample = [source[i] for i in range(min(examples, len(source)))]
+    subset = datasets.Data(data.tokenizer, data.features, {split: sample})
+    hypotheses, _ = translate_split(
+        model, config, subset, split, beam_size=config.decode.beam_size, alpha=config.decode.alpha
+    )
+    return bleu.sacre_bleu(hypotheses, references(subset, split))['bleu']
 
 
 def _length(row: np.ndarray) -> int:
@@ -103,7 +113,9 @@ def evaluate(
         beam_size = beam_size or config.decode.beam_size
         alpha = config.decode.alpha if alpha is None else alpha
         decode_start = time.perf_counter()
-        hypotheses, generated = translate_split(run, data, split, beam_size=beam_size, alpha=alpha)
+        hypotheses, generated = translate_split(
+            run.model, config, data, split, beam_size=beam_size, alpha=alpha
+        )
         seconds = time.perf_counter() - decode_start
         refs = references(data, split)
         report['decode'] = {

@@ -334,6 +334,16 @@ def evaluate_loss(eval_step, params, batches, mesh) -> dict[str, float]:
     return {'loss': float(totals['loss']) / weight, 'nll': nll, 'perplexity': float(np.exp(nll))}
 
 
+def _sample_bleu(config, data: datasets.Data, model) -> dict[str, float]:
+    """{'bleu': sacreBLEU of the first config.bleu_examples eval examples} (one process)."""
+    if config.model_kind != 'transformer' or jax.process_count() > 1:
+        return {}
+    from attn import evaluate  # decoding and BLEU; evaluate imports this module
+
+    split = config.data.eval_split
+    return {'bleu': evaluate.sample_bleu(model, config, data, split, config.bleu_examples)}
+
+
 def train_and_evaluate(config, workdir: str, data: datasets.Data | None = None) -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
 
@@ -374,6 +384,10 @@ def train_and_evaluate(config, workdir: str, data: datasets.Data | None = None) 
             if last or step % config.eval_every_steps == 0:
                 result = evaluate_loss(evaluate, state.params, data.eval_batches(config), mesh)
                 reporter.write_eval(step, config.data.eval_split, result)
+            if config.bleu_every_steps and step % config.bleu_every_steps == 0:
+                scores = _sample_bleu(config, data, nnx.merge(graphdef, state.params, rest))
+                if scores:
+                    reporter.write_eval(step, config.data.eval_split, scores)
             if save:
                 ckpt.save(step, state, train_iter, config.to_dict())
             if stop:

@@ -104,6 +104,8 @@ def base_config(size: str = 'base') -> config_dict.ConfigDict:
     config.decode.max_extra_length = 50  # max output length = input length + 50
 
     config.bleu_at_end = False  # decode the test split with beam search after the last step
+    config.bleu_every_steps = 0  # > 0: sacreBLEU of a sample of the eval split every so often
+    config.bleu_examples = 200  # size of that sample
     config.log_every_steps = 100
     config.eval_every_steps = 1000
     config.checkpoint_every_steps = 1000

@@ -36,7 +36,9 @@ def test_evaluate_reports_bleu_perplexity_and_writes_it(trained):
 def test_every_example_is_translated_in_order(trained):
     workdir, data = trained
     run = restore.load(workdir)
-    hypotheses, generated = evaluate.translate_split(run, data, 'test', beam_size=1, alpha=0.6)
+    hypotheses, generated = evaluate.translate_split(
+        run.model, run.config, data, 'test', beam_size=1, alpha=0.6
+    )
     assert len(hypotheses) == len(data.splits['test']) and generated >= len(hypotheses)
     first = translate.encode_batch([data.splits['test'][0]['en'].decode()], data.tokenizer, 64, 1)
     alone = list(
@@ -73,3 +75,33 @@ def test_invalid_utf8_names_the_line():
     assert next(lines) == 'fine' and next(lines) == 'also fine'
     with pytest.raises(UserError, match='Input line 3 is not valid UTF-8'):
         next(lines)
+
+
+def test_language_model_prompts_are_continued(tmp_path):
+    from flax import nnx
+
+    from attn import configuration
+    from attn.model import LanguageModel
+
+    config = toy.config()
+    config.model_kind = 'lm'
+    data = toy.data(tmp_path)
+    model = LanguageModel(configuration.model_config(config), rngs=nnx.Rngs(0))
+    run = restore.Run(config=config, model=model, steps=[0])
+    prompts = ['the cat', 'a big red dog sees']
+
+    def sampled(seed):
+        return translate.continue_prompts(
+            run,
+            data.tokenizer,
+            prompts,
+            max_new_tokens=6,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            seed=seed,
+        )
+
+    first = sampled(0)
+    assert [out.startswith(p) for out, p in zip(first, prompts, strict=True)] == [True, True]
+    assert sampled(0) == first

@@ -244,6 +244,15 @@ def test_kill_9_and_restart_equals_an_uninterrupted_run(tmp_path):
     assert max(float(np.abs(a - b).max()) for a, b in zip(params_a, params_b, strict=True)) == 0.0
 
 
+def test_periodic_bleu_on_a_sample(toy_data, tmp_path):
+    config = toy.config(bleu_every_steps=3, bleu_examples=8)
+    train.train_and_evaluate(config, str(tmp_path), toy_data)
+    rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+    bleu_rows = [r for r in rows if 'bleu' in r]
+    assert [r['step'] for r in bleu_rows] == [3, 6]
+    assert all(r['split'] == 'validation' and 0.0 <= r['bleu'] <= 100.0 for r in bleu_rows)
+
+
 def test_incompatible_config_is_refused(toy_data, tmp_path):
     workdir = str(tmp_path)
     train.train_and_evaluate(toy.config(total_steps=3), workdir, toy_data)
