@@ -1,6 +1,12 @@
 """Table 3 of the paper: variations on the base model, one config per row.
 
     python -m attn.train --config=configs/table3.py:row=B1 --workdir=runs/table3/B1
+    python -m attn.train --config=configs/table3.py:row=B1,dataset=l10n --workdir=runs/t3-l10n/B1
+
+`dataset=l10n` is the small-scale version for a CPU: the embedded corpus with the quickstart's
+schedule, and every width of the row (d_model, d_ff, d_k, d_v) divided by `shrink` (default
+4; depth, heads, dropout and label smoothing as the row), so each row keeps its relation to
+base.
 
 Rows (blank = as base): A changes heads at constant computation, B the key size
 d_k alone, C the depth and widths, D dropout and label smoothing, E learned
@@ -9,7 +15,7 @@ validation split) without checkpoint averaging. `PAPER` holds the paper's number
 for each row; `python -m attn.summary --config=configs/table3.py:row=R` gives ours.
 """
 
-from configs import common
+from configs import common, l10n
 
 # Model overrides of each row relative to base (Table 3).
 ROWS = {
@@ -63,12 +69,38 @@ PAPER = {
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, row='base', runlocal=False)
+    arg = common.parse_arg(arg, row='base', dataset='wmt14', shrink=0, runlocal=False)
     common.check_choice('row', arg.row, ROWS)
+    common.check_choice('dataset', arg.dataset, ('wmt14', 'l10n'))
     config = common.base_config('base')
     for field, value in ROWS[arg.row].items():
         config.model[field] = value
     config.label_smoothing = LABEL_SMOOTHING.get(arg.row, 0.1)
     config.total_steps = TOTAL_STEPS.get(arg.row, 100_000)
+    if arg.dataset == 'l10n':
+        _small_scale(config, arg.shrink or 4)
+    elif arg.shrink:
+        _shrink(config, arg.shrink)
     config.keep_checkpoints = 1  # Table 3 uses no checkpoint averaging
     return common.finalize(config, arg)
+
+
+def _shrink(config, factor: int) -> None:
+    """Divides every width of the model by `factor`."""
+    for field in ('emb_dim', 'mlp_dim', 'qk_dim', 'v_dim'):
+        if config.model[field] is not None:
+            config.model[field] = config.model[field] // factor
+
+
+def _small_scale(config, factor: int) -> None:
+    """The embedded corpus with the quickstart's data and schedule; widths / factor."""
+    quickstart = l10n.get_config()
+    for field in ('name', 'config', 'source_lang', 'target_lang', 'vocab_size'):
+        config.data[field] = quickstart.data[field]
+    for field in ('tokens_per_batch', 'max_length', 'eval_split'):
+        config.data[field] = quickstart.data[field]
+    for field in ('total_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
+        config[field] = quickstart[field]
+    config.optimizer.warmup_steps = quickstart.optimizer.warmup_steps
+    config.optimizer.lr_scale = quickstart.optimizer.lr_scale
+    _shrink(config, factor)

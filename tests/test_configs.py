@@ -19,7 +19,9 @@ CONFIG_DIR = pathlib.Path(__file__).parent.parent / 'configs'
 VARIANTS = {
     'l10n': ['', 'size=tiny', 'size=base', 'pair=en-fr', 'runlocal'],
     'lm': ['', 'size=tiny', 'dataset=lm1b,size=base', 'runlocal'],
-    'table3': [f'row={row}' for row in table3.ROWS] + ['row=C1,runlocal'],
+    'table3': [f'row={row}' for row in table3.ROWS]
+    + [f'row={row},dataset=l10n' for row in ('base', 'A4', 'B1', 'C5', 'E', 'big')]
+    + ['row=C1,runlocal', 'row=A1,shrink=2'],
     'wmt14': ['', 'size=big', 'pair=fr-en', 'size=big,pair=fr-en', 'runlocal'],
 }
 ALL = [(name, arg) for name, args in VARIANTS.items() for arg in args]
@@ -64,6 +66,16 @@ def test_table3_rows_change_what_the_paper_says():
     big = load('table3', 'row=big')
     assert (big.model.emb_dim, big.model.num_heads, big.model.dropout_rate) == (1024, 16, 0.3)
     assert big.total_steps == 300_000
+
+
+def test_small_scale_table3_keeps_each_rows_relation_to_base():
+    small = {row: load('table3', f'row={row},dataset=l10n') for row in ('base', 'B1', 'C5', 'D3')}
+    assert small['base'].data.name == 'l10n_translate' and small['base'].total_steps == 700
+    base = configuration.model_config(small['base'])
+    assert (base.emb_dim, base.mlp_dim, base.num_heads, base.head_qk_dim) == (128, 512, 8, 16)
+    assert configuration.model_config(small['B1']).head_qk_dim == 4  # 16 / 4
+    assert configuration.model_config(small['C5']).emb_dim == 256  # 1024 / 4
+    assert small['D3'].label_smoothing == 0.0
 
 
 def table3_params():

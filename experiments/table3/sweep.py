@@ -3,6 +3,7 @@
     python launch/sweep.py experiments/table3 --dry_run     # one line per run
     python launch/sweep.py experiments/table3               # run them here, one after another
     python launch/sweep.py experiments/table3 --slurm       # one SLURM job per run
+    python launch/sweep.py experiments/table3 --arg=dataset=l10n --root=runs/t3-l10n  # CPU scale
 
 Each run trains configs/table3.py:row=R (WMT14 EN-DE, 100K steps; big 300K) and scores
 newstest2013 (the validation split) without checkpoint averaging, as the paper's Table 3.
@@ -12,6 +13,10 @@ from configs import table3
 
 
 def get_sweep(arg=None):
-    """[(name, config argument for `--config`)], one per Table 3 row."""
-    del arg
-    return [(row, f'configs/table3.py:row={row}') for row in table3.ROWS]
+    """[(name, config argument for `--config`)], one per Table 3 row.
+
+    `arg` is added to every row's config argument, e.g. --arg=dataset=l10n for the
+    small-scale sweep on the embedded corpus.
+    """
+    suffix = f',{arg}' if arg else ''
+    return [(row, f'configs/table3.py:row={row}{suffix}') for row in table3.ROWS]
