@@ -76,11 +76,18 @@ def main():
     parser.add_argument(
         '--root', default=None, help='parent of the run workdirs (default runs/<sweep>)'
     )
+    parser.add_argument('--only', default=None, help='comma-separated run names to keep')
     parser.add_argument('--dry_run', action='store_true', help='print one line per run and stop')
     parser.add_argument('--slurm', action='store_true', help='submit each run with sbatch')
     parser.add_argument('extra', nargs='*', help='flags for every run, after --')
     args = parser.parse_args()
     runs = load_sweep(args.sweep, args.arg)
+    if args.only:
+        keep = args.only.split(',')
+        unknown = set(keep) - {name for name, _ in runs}
+        if unknown:
+            raise SystemExit(f'--only names unknown runs {sorted(unknown)}')
+        runs = [(name, config) for name, config in runs if name in keep]
     root = pathlib.Path(args.root or pathlib.Path('runs') / pathlib.Path(args.sweep).name)
     names = [name for name, _ in runs]
     if len(set(names)) != len(names):
