@@ -26,10 +26,14 @@ class MetricsWriter:
             self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')  # noqa: SIM115
 
     def write(self, step: int, scalars: dict[str, float], split: str | None = None) -> None:
-        """One row: {'step': s, ...scalars} (eval rows carry 'split')."""
+        """One row: {'step': s, 'time': unix seconds, ...scalars} (eval rows carry 'split')."""
         if not self.active:
             return
-        row = {'step': int(step), **({'split': split} if split else {})}
+        row = {
+            'step': int(step),
+            'time': round(time.time(), 3),
+            **({'split': split} if split else {}),
+        }
         row |= {name: float(value) for name, value in scalars.items()}
         self._jsonl.write(json.dumps(row) + '\n')
         self._jsonl.flush()

@@ -1,0 +1,118 @@
+"""Table 3 report: each row's run beside the paper's numbers.
+
+    python experiments/table3/report.py --root=runs/table3 [--out=runs/table3/report]
+
+Reads every row's workdir under --root (W/config.json, W/metrics.jsonl and the evaluation
+report W/eval/<split>-<step>.json that `launch/sweep.py` has `attn.evaluate` write), and
+writes report.md and table3.png to --out. Rows without a finished run are listed as
+missing, not left out.
+"""
+
+import json
+import pathlib
+import sys
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_dict  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from attn.summary import summarize  # noqa: E402
+from configs import table3  # noqa: E402
+
+_ROOT = flags.DEFINE_string('root', 'runs/table3', 'Folder holding one workdir per row.')
+_OUT = flags.DEFINE_string('out', None, 'Where report.md and table3.png go (default: --root).')
+
+
+def read_run(workdir: pathlib.Path) -> dict | None:
+    """Our figures for one row, or None when the run has no evaluation report yet."""
+    if not (workdir / 'config.json').exists():
+        return None
+    config = config_dict.ConfigDict(json.loads((workdir / 'config.json').read_text()))
+    split, steps = config.data.eval_split, config.total_steps
+    report_path = workdir / 'eval' / f'{split}-{steps}.json'
+    if not report_path.exists():
+        return None
+    report = json.loads(report_path.read_text())
+    rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    train_rows = [r for r in rows if 'split' not in r and 'time' in r]
+    wall = train_rows[-1]['time'] - train_rows[0]['time'] if len(train_rows) > 1 else None
+    return {
+        'params': summarize(config)['params'],
+        'steps': steps,
+        'wall_minutes': None if wall is None else wall / 60,
+        'perplexity': report['perplexity'],
+        'bleu': report['paper_bleu']['bleu'],
+        'sacrebleu': report['sacrebleu']['bleu'],
+    }
+
+
+def _cell(value, fmt: str) -> str:
+    return '—' if value is None else format(value, fmt)
+
+
+def markdown(results: dict[str, dict | None], root: pathlib.Path) -> str:
+    lines = [
+        '# Table 3: ours beside the paper',
+        '',
+        f'Runs under `{root}`. Ours: dev perplexity and BLEU (tokenized, compound-split, as the '
+        'paper; sacreBLEU beside it) without checkpoint averaging. Params of our configs; the '
+        "paper's Table 3 params are for WMT14 base widths. Training wall time counts the logged "
+        'steps only.',
+        '',
+        '| row | ours: params (M) | steps | wall (min) | PPL | BLEU | sacreBLEU '
+        '| paper: params (M) | PPL | BLEU |',
+        '|---|---|---|---|---|---|---|---|---|---|',
+    ]
+    for row, ours in results.items():
+        ppl, bleu, params = table3.PAPER[row]
+        paper = f'{_cell(params, "d")} | {ppl:.2f} | {bleu:.1f}'
+        if ours is None:
+            lines.append(f'| {row} | missing | | | | | | {paper} |')
+            continue
+        lines.append(
+            f'| {row} | {ours["params"] / 1e6:.2f} | {ours["steps"]} | '
+            f'{_cell(ours["wall_minutes"], ".1f")} | {ours["perplexity"]:.2f} | '
+            f'{ours["bleu"]:.1f} | {ours["sacrebleu"]:.1f} | {paper} |'
+        )
+    return '\n'.join(lines) + '\n'
+
+
+def plot(results: dict[str, dict | None], path: pathlib.Path) -> None:
+    """Dev BLEU and perplexity per row: ours (bars) and the paper's (markers)."""
+    rows = list(results)
+    fig, axes = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
+    for ax, key, paper_index, label in (
+        (axes[0], 'bleu', 1, 'dev BLEU'),
+        (axes[1], 'perplexity', 0, 'dev perplexity'),
+    ):
+        ours = [results[r][key] if results[r] else 0.0 for r in rows]
+        ax.bar(rows, ours, color='tab:blue', label='ours')
+        ax.plot(
+            rows, [table3.PAPER[r][paper_index] for r in rows], 'o', color='tab:red', label='paper'
+        )
+        ax.set_ylabel(label)
+        ax.legend(loc='upper right')
+    axes[1].set_xlabel('Table 3 row (missing runs have no bar)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    root = pathlib.Path(_ROOT.value)
+    out = pathlib.Path(_OUT.value or root)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {row: read_run(root / row) for row in table3.ROWS}
+    (out / 'report.md').write_text(markdown(results, root))
+    plot(results, out / 'table3.png')
+    done = sum(r is not None for r in results.values())
+    print(f'{done} of {len(results)} rows finished; wrote {out}/report.md and table3.png')  # noqa: T201
+
+
+if __name__ == '__main__':
+    app.run(main)
