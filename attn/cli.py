@@ -16,6 +16,7 @@ COMMANDS = {
     'train': 'train a config in a workdir (resumes from its latest checkpoint)',
     'evaluate': 'BLEU and perplexity of a checkpoint on a whole split',
     'translate': 'translate stdin line by line (or continue prompts with a language model)',
+    'analyze': 'attention maps, head statistics, head importance and pruning of a checkpoint',
     'summary': 'parameters per module and FLOPs per token of a config',
 }
 

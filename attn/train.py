@@ -124,7 +124,7 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation):
     return graphdef, rest, state
 
 
-def _forward(model, batch, kind: str, *, deterministic: bool, rngs) -> jax.Array:
+def forward(model, batch, kind: str, *, deterministic: bool, rngs) -> jax.Array:
     """Teacher-forced logits [B, T, V] of a batch."""
     if kind == 'lm':
         return model(
@@ -149,7 +149,7 @@ def _forward(model, batch, kind: str, *, deterministic: bool, rngs) -> jax.Array
 def _loss_sums(params, rest, graphdef, batch, rng, cfg: StepConfig, deterministic: bool):
     model = nnx.merge(graphdef, params, rest)
     rngs = None if deterministic else nnx.Rngs(dropout=rng)
-    logits = _forward(model, batch, cfg.kind, deterministic=deterministic, rngs=rngs)
+    logits = forward(model, batch, cfg.kind, deterministic=deterministic, rngs=rngs)
     return cross_entropy(logits, batch['targets'], target_weights(batch), cfg.label_smoothing)
 
 

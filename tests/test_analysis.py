@@ -1,0 +1,81 @@
+"""Attention analysis on a toy run: files, probabilities, head masking and importance."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attn import analysis, analyze, restore, train
+from tests import toy
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    directory = tmp_path_factory.mktemp('run')
+    data = toy.data(directory / 'tokenizer')
+    workdir = str(directory / 'workdir')
+    train.train_and_evaluate(toy.config(), workdir, data)
+    return workdir, data
+
+
+def test_analyze_writes_pictures_and_statistics(trained, tmp_path):
+    workdir, data = trained
+    summary = analyze.analyze(workdir, str(tmp_path), sentences=4, prune_steps=4, data=data)
+    assert summary['heads'] == 2 * 4 * 3  # 2 layers x 4 heads x (enc self, dec self, cross)
+    names = set(os.listdir(tmp_path))
+    assert {'heads.json', 'pruning.json', 'pruning.png', 'bertviz.json'} <= names
+    assert 'attention-0-cross_attention.png' in names
+    heads = json.loads((tmp_path / 'heads.json').read_text())
+    assert set(heads) == {
+        f'{side}.{layer}.{kind}'
+        for layer in (0, 1)
+        for side, kind in (
+            ('encoder', 'self_attention'),
+            ('decoder', 'self_attention'),
+            ('decoder', 'cross_attention'),
+        )
+    }
+    for rows in heads.values():
+        for row in rows:
+            assert 0.0 <= row['confidence'] <= 1.0 and row['entropy'] >= 0.0
+    curve = json.loads((tmp_path / 'pruning.json').read_text())
+    assert curve[0]['masked'] == 0 and curve[-1]['masked'] == 24
+    bertviz = json.loads((tmp_path / 'bertviz.json').read_text())
+    layer0 = np.array(bertviz['attention']['cross_attention'][0])  # [1, heads, query, key]
+    assert layer0.shape[:2] == (1, 4)
+    assert layer0.shape[2:] == (
+        len(bertviz['tokens']['cross_attention']['query']),
+        len(bertviz['tokens']['cross_attention']['key']),
+    )
+
+
+def test_attention_rows_sum_to_one_and_masking_a_head_matters(trained):
+    workdir, data = trained
+    run = restore.load(workdir)
+    batch = analyze.sentence_batch(data, run.config, 'validation', 4)
+    maps = analysis.attention_maps(run.model, batch, 'transformer')
+    valid = batch['targets_segmentation'] > 0
+    for name, weights in maps.items():
+        if name.startswith('decoder'):
+            np.testing.assert_allclose(weights.sum(-1)[:, 0][valid], 1.0, atol=1e-5)
+    before = float(analysis.mean_loss(run.model, batch, 'transformer'))
+    assert float(analysis.mean_loss(run.model, batch, 'transformer')) == before  # reproducible
+    mask = run.model.decoder.layers[1].cross_attention.head_mask
+    mask[...] = jnp.array([0.0, 1.0, 1.0, 1.0])
+    assert float(analysis.mean_loss(run.model, batch, 'transformer')) != before
+    mask[...] = jnp.ones(4)
+    assert float(analysis.mean_loss(run.model, batch, 'transformer')) == before
+
+
+def test_pruning_restores_the_masks_and_starts_unmasked(trained):
+    workdir, data = trained
+    run = restore.load(workdir)
+    batch = analyze.sentence_batch(data, run.config, 'validation', 4)
+    importance = analysis.head_importance(run.model, batch, 'transformer')
+    assert all(v.shape == (4,) and (v >= 0).all() for v in importance.values())
+    curve = analysis.pruning_curve(run.model, batch, 'transformer', importance, 3)
+    plain = float(np.exp(analysis.mean_loss(run.model, batch, 'transformer')))
+    assert curve[0] == (0, pytest.approx(plain, rel=1e-5))
+    assert all(float(v.min()) == 1.0 for v in analysis._mask_variables(run.model).values())  # noqa: SLF001
