@@ -7,17 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attn import analysis, analyze, restore, train
-from tests import toy
+from attn import analysis, analyze, restore
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    directory = tmp_path_factory.mktemp('run')
-    data = toy.data(directory / 'tokenizer')
-    workdir = str(directory / 'workdir')
-    train.train_and_evaluate(toy.config(), workdir, data)
-    return workdir, data
+@pytest.fixture
+def trained(toy_run):
+    return toy_run
 
 
 def test_analyze_writes_pictures_and_statistics(trained, tmp_path):

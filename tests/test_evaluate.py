@@ -6,18 +6,14 @@ import os
 import numpy as np
 import pytest
 
-from attn import evaluate, restore, train, translate
+from attn import evaluate, restore, translate
 from attn.errors import UserError
 from tests import toy
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    directory = tmp_path_factory.mktemp('run')
-    data = toy.data(directory / 'tokenizer')
-    workdir = str(directory / 'workdir')
-    train.train_and_evaluate(toy.config(), workdir, data)
-    return workdir, data
+@pytest.fixture
+def trained(toy_run):
+    return toy_run
 
 
 def test_evaluate_reports_bleu_perplexity_and_writes_it(trained):

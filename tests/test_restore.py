@@ -4,17 +4,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attn import checkpoint, restore, train
-from tests import toy
+from attn import checkpoint, restore
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    """A toy run with checkpoints at steps 3 and 6."""
-    directory = tmp_path_factory.mktemp('run')
-    data = toy.data(directory / 'tokenizer')
-    train.train_and_evaluate(toy.config(), str(directory / 'workdir'), data)
-    return str(directory / 'workdir')
+@pytest.fixture
+def trained(toy_run):
+    return toy_run[0]
 
 
 def saved_params(workdir, step) -> dict[str, np.ndarray]:
