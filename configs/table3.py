@@ -7,7 +7,7 @@
 schedule, and every width of the row (d_model, d_ff, d_k, d_v) divided by `shrink` (default
 4; depth, heads, dropout and label smoothing as the row), so each row keeps its relation to
 base. Not yet tuned: with the quickstart's 200 warmup steps the 6+6-layer base row at
-d_model 128 stalled (training loss 6.6 after 700 steps; the 3+3-layer quickstart reaches 3.7).
+d_model 128 stalled (training loss 6.6 after 700 steps; the 3+3-layer quickstart reaches 4.0).
 
 Rows (blank = as base): A changes heads at constant computation, B the key size
 d_k alone, C the depth and widths, D dropout and label smoothing, E learned
