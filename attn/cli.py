@@ -46,10 +46,10 @@ def define_config_flag() -> None:
         )
 
 
-def config(required: bool = True):
-    """The --config value; a usage error when missing and required."""
+def config():
+    """The --config value; a usage error when it is missing."""
     value = flags.FLAGS.config
-    if value is None and required:
+    if value is None:
         raise app.UsageError('--config is required, e.g. --config=configs/l10n.py')
     return value
 

@@ -71,13 +71,3 @@ def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, ja
         name: jax.make_array_from_process_local_data(sharding, array)
         for name, array in local_batch.items()
     }
-
-
-def check_divisible(global_rows: int, mesh: Mesh) -> None:
-    """The global batch must split evenly over the devices."""
-    devices = mesh.devices.size
-    if global_rows % devices:
-        raise ValueError(
-            f'A global batch of {global_rows} rows does not split over {devices} devices; '
-            f'change config.data.tokens_per_batch so the rows are a multiple of {devices}.'
-        )

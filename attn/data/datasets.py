@@ -172,9 +172,9 @@ class Data:
 
 def load(config, splits: Sequence[str] | None = None) -> Data:
     """Opens (building the embedded corpus if needed) the splits a run reads."""
-    splits = list(splits or dict.fromkeys(['train', config.data.eval_split]))
+    splits = {'train', *(splits or [config.data.eval_split])}  # train: the tokenizer's text
     dataset = builder(config.data)
-    opened = sources(dataset, sorted(set(splits) | {'train'}))
+    opened = sources(dataset, sorted(splits))
     tokenizer = load_tokenizer(config, dataset, opened['train'])
     if tokenizer.vocab_size != config.data.vocab_size:
         raise DataError(
