@@ -17,8 +17,11 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Implementation = Literal['reference', 'fused']
-IMPLEMENTATIONS = ('reference', 'fused')
+# 'reference': einsums (any backend, returns the weights); 'fused':
+# jax.nn.dot_product_attention with JAX's choice of kernel; 'cudnn': the same, forced to
+# cuDNN's fused kernel (NVIDIA GPUs, bfloat16/float16 compute).
+Implementation = Literal['reference', 'fused', 'cudnn']
+IMPLEMENTATIONS = ('reference', 'fused', 'cudnn')
 
 # Finite "minus infinity" for masked logits; softmax is always taken in float32.
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
@@ -192,13 +195,14 @@ def dot_product_attention(
             query, key, value, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng
         )
         return out
-    if implementation == 'fused':
+    if implementation in ('fused', 'cudnn'):
         if dropout_rate > 0.0:
             raise ValueError(
                 'The fused attention kernel has no attention dropout; set '
                 'attention_dropout_rate=0 or use the reference implementation.'
             )
-        return fused_attention(query, key, value, mask)
+        kernel = 'cudnn' if implementation == 'cudnn' else None
+        return fused_attention(query, key, value, mask, implementation=kernel)
     raise ValueError(
         f'Unknown attention implementation {implementation!r}; use one of {IMPLEMENTATIONS}.'
     )

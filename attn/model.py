@@ -49,7 +49,7 @@ class ModelConfig:
     pre_ln: bool = False  # True: x + Sublayer(LayerNorm(x)) and a final LayerNorm
     share_embeddings: bool = True  # one matrix for encoder and decoder input (§3.4)
     tie_output: bool = True  # pre-softmax projection = target embedding^T (§3.4)
-    attention: str = 'reference'  # 'reference' (einsum) or 'fused' (jax.nn.dot_product_attention)
+    attention: str = 'reference'  # 'reference' (einsum), 'fused' or 'cudnn' (attention.py)
     dtype: str = 'float32'  # compute dtype; parameters are always float32
 
     def __post_init__(self):
@@ -90,10 +90,15 @@ class ModelConfig:
                 f'model.emb_dim={self.emb_dim} must be even for sinusoidal positions '
                 '(sine/cosine pairs, §3.5); use an even emb_dim or model.positions="learned".'
             )
-        if self.attention == 'fused' and self.attention_dropout_rate > 0:
+        if self.attention != 'reference' and self.attention_dropout_rate > 0:
             raise ConfigError(
-                'model.attention="fused" has no attention dropout; set '
+                f'model.attention="{self.attention}" has no attention dropout; set '
                 'model.attention_dropout_rate=0 or model.attention="reference".'
+            )
+        if self.attention == 'cudnn' and self.dtype == 'float32':
+            raise ConfigError(
+                'model.attention="cudnn" needs half-precision compute; set '
+                'model.dtype="bfloat16" (or "float16"), or model.attention="fused".'
             )
 
     @property

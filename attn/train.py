@@ -364,7 +364,7 @@ def train_and_evaluate(config, workdir: str, data: datasets.Data | None = None) 
     step_cfg = StepConfig(config.model_kind, config.label_smoothing, config.grad_accum_steps)
     train, evaluate = compile_steps(graphdef, rest, tx, step_cfg, mesh)
 
-    rng = jax.random.PRNGKey(config.seed)
+    rng = jax.random.key(config.seed, impl=config.prng_impl)
     schedule = learning_rate_schedule(
         cfg.emb_dim, config.optimizer.warmup_steps, config.optimizer.lr_scale
     )

@@ -70,7 +70,8 @@ def test_table3_rows_change_what_the_paper_says():
 
 def test_small_scale_table3_keeps_each_rows_relation_to_base():
     small = {row: load('table3', f'row={row},dataset=l10n') for row in ('base', 'B1', 'C5', 'D3')}
-    assert small['base'].data.name == 'l10n_translate' and small['base'].total_steps == 700
+    assert small['base'].data.name == 'l10n_translate' and small['base'].total_steps == 600
+    assert all(config.model.pre_ln for config in small.values())
     base = configuration.model_config(small['base'])
     assert (base.emb_dim, base.mlp_dim, base.num_heads, base.head_qk_dim) == (128, 512, 8, 16)
     assert configuration.model_config(small['B1']).head_qk_dim == 4  # 16 / 4
@@ -118,6 +119,7 @@ def test_config_overrides_are_typed_and_locked():
         (dict(attention='flash'), r"attention='flash' is not one of"),
         (dict(dtype='int8'), r"dtype='int8'"),
         (dict(attention='fused', attention_dropout_rate=0.1), r'attention_dropout_rate=0'),
+        (dict(attention='cudnn'), r'needs half-precision compute; set model.dtype="bfloat16"'),
         (dict(qk_dim=0), r'qk_dim=0'),
     ],
 )

@@ -1,0 +1,228 @@
+"""Training-step and decoding throughput of a config on fixed synthetic batches.
+
+    python experiments/benchmark/speed.py --config=configs/table3.py:row=base \
+        --config.model.dtype=bfloat16 --peak_tflops=989
+    python experiments/benchmark/speed.py --config=configs/table3.py:row=base \
+        --compare=model.attention=reference            # ratio against a baseline variant
+    python experiments/benchmark/speed.py --config=configs/l10n.py --what=decode --vocab=8000
+
+Train: batches of --batch x --length tokens per side (default 96 x 256, vocabulary 32768,
+as ANCHORS.md's peer figures), every token real, dropout and label smoothing as the
+config. After --warmup steps, each of --steps steps is timed to completion; the median
+is reported with target tokens/s, TFLOP/s by `attn.summary.forward_flops` x 3 (dense
+attention, logits included), MFU against --peak_tflops per device, the compile time and
+peak memory. Decode: beam search (--beam_size, 1 = greedy) on --decode_batch sentences of
+30 source tokens forced to exactly 40 target tokens; target tokens/s, median of --runs.
+
+--compare=field=value,... measures a second variant of the config in the same process
+and adds `speedup` = baseline time / measured time. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import flags
+
+from attn import cli, configuration, decode, sharding, summary, train
+from attn.errors import UserError
+from attn.model import EOS_ID, NUM_SPECIAL_TOKENS, build_model
+
+_WHAT = flags.DEFINE_list('what', ['train', 'decode'], 'What to measure: train, decode.')
+_BATCH = flags.DEFINE_integer('batch', 96, 'Train: examples per step (all devices).')
+_LENGTH = flags.DEFINE_integer('length', 256, 'Train: tokens per example, each side.')
+_VOCAB = flags.DEFINE_integer('vocab', 32768, 'Vocabulary size (overrides the config).')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Train: timed steps.')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Train: untimed steps after compilation.')
+_PEAK = flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of one device (0: no MFU).')
+_BEAM = flags.DEFINE_integer('beam_size', 4, 'Decode: beam size; 1 = greedy.')
+_DECODE_BATCH = flags.DEFINE_integer('decode_batch', 32, 'Decode: sentences per batch.')
+_RUNS = flags.DEFINE_integer('runs', 5, 'Decode: timed runs.')
+_COMPARE = flags.DEFINE_string(
+    'compare', None, 'Baseline overrides, e.g. model.dtype=float32,model.attention=reference.'
+)
+
+SOURCE_LENGTH, TARGET_LENGTH = 30, 40  # decode shapes of ANCHORS.md's CPU figures
+
+
+def with_overrides(config, overrides: str | None):
+    """A copy of `config` with `a.b=value,...` applied (values parsed as Python literals)."""
+    config = copy.deepcopy(config)
+    for item in filter(None, (overrides or '').split(',')):
+        path, _, text = item.partition('=')
+        *parents, field = path.strip().split('.')
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare string such as bfloat16
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[field] = value
+    return config
+
+
+def synthetic_batch(kind: str, rows: int, length: int, vocab: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    names = ('targets',) if kind == 'lm' else ('inputs', 'targets')
+    return {
+        name: rng.integers(NUM_SPECIAL_TOKENS, vocab, (rows, length), np.int32) for name in names
+    }
+
+
+def peak_memory_bytes(compiled) -> int | None:
+    """Peak device memory where the backend reports it, else XLA's estimate of the step."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if 'peak_bytes_in_use' in stats:
+        return int(stats['peak_bytes_in_use'])
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    return int(
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+
+
+def measure_train(config) -> dict:
+    jax.config.update('jax_threefry_partitionable', True)
+    cfg = dataclasses.replace(configuration.model_config(config), vocab_size=_VOCAB.value)
+    mesh = sharding.make_mesh()
+    tx = train.make_optimizer(config.optimizer, cfg.emb_dim)
+    graphdef, rest, state = train.create_state(config.model_kind, cfg, config.seed, tx, mesh)
+    step_cfg = train.StepConfig(config.model_kind, config.label_smoothing, config.grad_accum_steps)
+    step, _ = train.compile_steps(graphdef, rest, tx, step_cfg, mesh)
+    batch = sharding.global_batch(
+        mesh, synthetic_batch(config.model_kind, _BATCH.value, _LENGTH.value, _VOCAB.value)
+    )
+    rng = jax.random.key(config.seed, impl=config.prng_impl)
+
+    start = time.perf_counter()
+    compiled = step.lower(state, batch, rng).compile()
+    compile_s = time.perf_counter() - start
+    for _ in range(_WARMUP.value):
+        state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(_STEPS.value):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch, rng)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+
+    median = statistics.median(times)
+    tokens = _BATCH.value * _LENGTH.value
+    flops = (
+        3
+        * _BATCH.value
+        * summary.forward_flops(cfg, config.model_kind, _LENGTH.value, _LENGTH.value)
+    )
+    tflops = flops / median / 1e12
+    result = {
+        'step_ms': round(1e3 * median, 2),
+        'step_ms_min': round(1e3 * min(times), 2),
+        'step_ms_max': round(1e3 * max(times), 2),
+        'target_tokens_per_s': round(tokens / median, 1),
+        'tflops_per_s': round(tflops, 3),
+        'compile_s': round(compile_s, 2),
+        'peak_memory_gib': _gib(peak_memory_bytes(compiled)),
+        'loss': round(float(metrics['loss']), 4),
+    }
+    if _PEAK.value:
+        result['mfu'] = round(tflops / (_PEAK.value * jax.device_count()), 4)
+    return result
+
+
+def _gib(value: int | None) -> float | None:
+    return None if value is None else round(value / 2**30, 3)
+
+
+def measure_decode(config) -> dict:
+    cfg = dataclasses.replace(
+        configuration.model_config(config), vocab_size=_VOCAB.value, dropout_rate=0.0
+    )
+    if config.model_kind != 'transformer':
+        raise UserError('--what=decode measures the beam search of a translation model.')
+    model = build_model(config.model_kind, cfg, config.seed)
+    rows = _DECODE_BATCH.value
+    inputs = synthetic_batch('transformer', rows, SOURCE_LENGTH, _VOCAB.value)['inputs']
+    inputs[:, -1] = EOS_ID
+    extra = TARGET_LENGTH - SOURCE_LENGTH + 1  # room for exactly TARGET_LENGTH tokens
+
+    def run() -> np.ndarray:
+        if _BEAM.value == 1:
+            out = decode.greedy_search(
+                model, inputs, max_extra_length=extra, min_length=TARGET_LENGTH
+            )
+        else:
+            out, _ = decode.beam_search(
+                model,
+                inputs,
+                beam_size=_BEAM.value,
+                max_extra_length=extra,
+                min_length=TARGET_LENGTH,
+            )
+        return np.asarray(jax.block_until_ready(out))
+
+    start = time.perf_counter()
+    out = run()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(_RUNS.value):
+        start = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    tokens = int(((out != 0) & (out != EOS_ID)).sum())  # EOS not counted
+    return {
+        'beam_size': _BEAM.value,
+        'batch': rows,
+        'median_s': round(median, 4),
+        'target_tokens_per_s': round(tokens / median, 1),
+        'sentences_per_s': round(rows / median, 2),
+        'compile_s': round(first - median, 2),
+    }
+
+
+def measure(config) -> dict:
+    result = {}
+    if 'train' in _WHAT.value:
+        result['train'] = measure_train(config)
+    if 'decode' in _WHAT.value:
+        result['decode'] = measure_decode(config)
+    return result
+
+
+def main(argv):
+    del argv
+    config = cli.config()
+    report = {
+        'model': configuration.model_config(config).__dict__ | {'vocab_size': _VOCAB.value},
+        'batch': [_BATCH.value, _LENGTH.value],
+        'devices': jax.device_count(),
+        'device': jax.devices()[0].device_kind,
+        'measured': measure(config),
+    }
+    if _COMPARE.value:
+        report['baseline'] = {'overrides': _COMPARE.value}
+        report['baseline'] |= measure(with_overrides(config, _COMPARE.value))
+        report['speedup'] = {
+            part: round(report['baseline'][part][key] / report['measured'][part][key], 3)
+            for part, key in (('train', 'step_ms'), ('decode', 'median_s'))
+            if part in report['measured']
+        }
+    print(json.dumps(report, indent=1))  # noqa: T201 - the benchmark's report
+
+
+if __name__ == '__main__':
+    cli.define_config_flag()
+    cli.run(main)

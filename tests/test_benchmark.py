@@ -1,0 +1,47 @@
+"""experiments/benchmark/speed.py: its JSON report and the --compare ratio."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def test_speed_reports_train_and_decode_with_a_baseline_ratio():
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / 'experiments' / 'benchmark' / 'speed.py'),
+            '--config=configs/l10n.py:size=tiny',
+            '--batch=4',
+            '--length=16',
+            '--vocab=64',
+            '--steps=3',
+            '--warmup=1',
+            '--runs=1',
+            '--decode_batch=2',
+            '--peak_tflops=1',
+            '--compare=model.dtype=bfloat16',
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    report = json.loads(result.stdout)
+    train, decode = report['measured']['train'], report['measured']['decode']
+    assert report['batch'] == [4, 16] and report['model']['vocab_size'] == 64
+    assert train['step_ms_min'] <= train['step_ms'] <= train['step_ms_max']
+    assert train['target_tokens_per_s'] == pytest.approx(
+        4 * 16 / (train['step_ms'] / 1e3), rel=1e-2
+    )
+    assert train['mfu'] == pytest.approx(train['tflops_per_s'], abs=1e-3)
+    assert 0 < train['loss'] < 10
+    assert decode['target_tokens_per_s'] > 0 and decode['beam_size'] == 4
+    baseline = report['baseline']
+    assert baseline['overrides'] == 'model.dtype=bfloat16'
+    expected = baseline['train']['step_ms'] / train['step_ms']
+    assert report['speedup']['train'] == pytest.approx(expected, abs=1e-3)
