@@ -8,6 +8,11 @@ tokens on the axes) for the first sentences; heads.json (entropy, confidence, me
 distance and importance of every head); pruning.png and pruning.json (perplexity of the
 sentences as heads are masked, least important first); bertviz.json (per layer arrays
 [1, heads, query, key] and the tokens of sentence 0, for bertviz's head_view/model_view).
+
+    python -m attn.analyze --workdir=runs/lm --out=pics --prompt="To insert a table"
+
+With --prompt it shows attention while generating instead (attn/generation.py): a
+language model continues the prompt, a translation model translates it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from attn import analysis, cli, restore  # noqa: E402
+from attn import analysis, cli, generation, restore  # noqa: E402
 from attn.data import datasets  # noqa: E402
 from attn.model import PAD_ID, shift_right  # noqa: E402
 
@@ -187,6 +192,14 @@ def main(argv):
     FLAGS = flags.FLAGS
     if FLAGS.workdir is None or FLAGS.out is None:
         raise app.UsageError('--workdir and --out are required.')
+    if FLAGS.prompt is not None:
+        run = restore.load(FLAGS.workdir)
+        tokenizer = datasets.load(run.config, ['train']).tokenizer
+        view = generation.generate(
+            run, tokenizer, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens
+        )
+        print(json.dumps(generation.write(view, tokenizer, FLAGS.out), ensure_ascii=False))  # noqa: T201
+        return
     summary = analyze(
         FLAGS.workdir,
         FLAGS.out,
@@ -203,6 +216,10 @@ def run():
     flags.DEFINE_integer('sentences', 8, 'Sentences of the split to analyse.')
     flags.DEFINE_string('split', None, "Split to read (default: the config's eval split).")
     flags.DEFINE_integer('prune_steps', 8, 'Points on the pruning curve.')
+    flags.DEFINE_string(
+        'prompt', None, 'Show attention while generating: text to continue or translate.'
+    )
+    flags.DEFINE_integer('max_new_tokens', 30, 'With --prompt, language models: tokens to add.')
     cli.run(main)
 
 

@@ -30,4 +30,12 @@ def get_config(arg=None):
     config.data.max_length = 256
     config.total_steps = 10_000
     config.label_smoothing = 0.0  # a language model is scored by perplexity
+    if arg.dataset == 'l10n':  # the embedded corpus: the quickstart's CPU-sized schedule
+        config.data.tokens_per_batch = 4096
+        config.data.max_length = 128
+        config.total_steps = 700
+        config.optimizer.warmup_steps = 200
+        config.optimizer.lr_scale = 0.4
+        config.log_every_steps = 25
+        config.eval_every_steps = config.checkpoint_every_steps = 350
     return common.finalize(config, arg)

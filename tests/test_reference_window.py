@@ -1,0 +1,58 @@
+"""The reference-window study: its task generator, matched models and a tiny full run."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import reference_window
+from experiments.reference_window import study, task
+
+
+@pytest.mark.parametrize('k', [1, 2, 7, 30])
+def test_the_answer_is_exactly_k_back(k):
+    rows = task.make_examples(np.full(5, k), max_k=30, vocab_size=24, seed=k)['targets']
+    L = task.sequence_length(30)
+    assert rows.shape == (5, L)
+    np.testing.assert_array_equal(rows[:, L - 2], task.QUERY)
+    np.testing.assert_array_equal(rows[:, L - 2 - k - 1], task.MARKER)
+    np.testing.assert_array_equal(rows[:, -1], rows[:, L - 2 - k])
+    assert np.all((rows == task.MARKER).sum(1) == 1) and np.all((rows == task.QUERY).sum(1) == 1)
+    assert rows[:, -1].min() >= task.FIRST_CONTENT
+
+
+def test_examples_are_reproducible_for_a_seed():
+    first = task.training_examples(16, max_k=50, vocab_size=24, seed=3)
+    again = task.training_examples(16, max_k=50, vocab_size=24, seed=3)
+    other = task.training_examples(16, max_k=50, vocab_size=24, seed=4)
+    np.testing.assert_array_equal(first['targets'], again['targets'])
+    np.testing.assert_array_equal(first['k'], again['k'])
+    assert not np.array_equal(first['targets'], other['targets'])
+    assert first['k'].min() >= 1 and first['k'].max() <= 50
+
+
+def test_distances_outside_the_row_are_refused():
+    with pytest.raises(ValueError, match=r'distances must lie in \[1, 8\]'):
+        task.make_examples([9], max_k=8, vocab_size=24, seed=0)
+
+
+@pytest.mark.parametrize('size', ['tiny', 'small'])
+def test_recurrent_models_match_the_transformers_parameters(size):
+    config = reference_window.get_config(f'size={size}')
+    counts = {name: study.build(name, config)[1]['params'] for name in config.models}
+    for name in ('rnn', 'gru', 'lstm'):
+        assert abs(counts[name] - counts['transformer']) <= 0.1 * counts['transformer'], counts
+
+
+def test_a_tiny_study_writes_its_report_and_plot(tmp_path):
+    config = reference_window.get_config('size=tiny')
+    results = study.run_study(config, str(tmp_path))
+    assert set(results) == {'transformer', 'rnn', 'gru', 'lstm'}
+    assert {'report.md', 'accuracy.png', 'results.json'} <= set(os.listdir(tmp_path))
+    saved = json.loads((tmp_path / 'results.json').read_text())
+    for info in saved['models'].values():
+        assert list(info['accuracy']) == ['1', '2', '4', '8']
+        assert all(0.0 <= a <= 1.0 for a in info['accuracy'].values())
+    report = (tmp_path / 'report.md').read_text()
+    assert all(f'| {name} |' in report for name in results)
