@@ -80,7 +80,9 @@ def test_table3_report_lists_finished_and_missing_rows(tmp_path):
     )
     lines = (tmp_path / 'report.md').read_text().splitlines()
     b1 = next(line for line in lines if line.startswith('| B1 |'))
-    assert '| 600 | 10.0 | 21.50 | 12.3 | 11.9 | 58 | 5.16 | 25.1 |' in b1
+    # No base run, so no change from base for ours; the paper's B1 is +0.24 PPL, -0.7 BLEU.
+    assert '| 600 | 10.0 | 21.50 | 12.3 | 11.9 | — | — | 58 | 5.16 | 25.1 | +0.24 | -0.7 |' in b1
+    assert 'Data `l10n_translate/en-de`' in lines[2] and 'pre-LN' in lines[2]
     assert sum('| missing |' in line for line in lines) == 19
     assert (tmp_path / 'table3.png').stat().st_size > 0
 

@@ -41,6 +41,8 @@ def read_run(workdir: pathlib.Path) -> dict | None:
     train_rows = [r for r in rows if 'split' not in r and 'time' in r]
     wall = train_rows[-1]['time'] - train_rows[0]['time'] if len(train_rows) > 1 else None
     return {
+        'dataset': f'{config.data.name}/{config.data.config}',
+        'model': config.model.to_dict(),
         'params': summarize(config)['params'],
         'steps': steps,
         'wall_minutes': None if wall is None else wall / 60,
@@ -54,49 +56,81 @@ def _cell(value, fmt: str) -> str:
     return '—' if value is None else format(value, fmt)
 
 
+def deltas(results: dict[str, dict | None]) -> dict[str, tuple | None]:
+    """(ours dPPL, ours dBLEU, paper dPPL, paper dBLEU) of each row against base; ours are
+    None where the row or base has no run. At a reduced scale only these compare."""
+    base = results.get('base')
+    paper_ppl, paper_bleu, _ = table3.PAPER['base']
+    out = {}
+    for row, ours in results.items():
+        ppl, bleu, _ = table3.PAPER[row]
+        mine = (None, None)
+        if ours is not None and base is not None:
+            mine = (ours['perplexity'] - base['perplexity'], ours['bleu'] - base['bleu'])
+        out[row] = (*mine, ppl - paper_ppl, bleu - paper_bleu)
+    return out
+
+
+def settings(results: dict[str, dict | None]) -> str:
+    """The data and base model the runs share, from the base run (or any finished one)."""
+    run = results.get('base') or next((r for r in results.values() if r), None)
+    if run is None:
+        return 'No run has finished yet.'
+    m = run['model']
+    layout = 'pre-LN' if m['pre_ln'] else 'post-LN (as the paper)'
+    return (
+        f'Data `{run["dataset"]}`; the {"base" if results.get("base") else "first finished"} '
+        f'run has N={m["num_layers"]}, d_model={m["emb_dim"]}, d_ff={m["mlp_dim"]}, '
+        f'h={m["num_heads"]}, {layout}, {run["steps"]} steps.'
+    )
+
+
 def markdown(results: dict[str, dict | None], root: pathlib.Path) -> str:
     lines = [
         '# Table 3: ours beside the paper',
         '',
-        f'Runs under `{root}`. Ours: dev perplexity and BLEU (tokenized, compound-split, as the '
-        'paper; sacreBLEU beside it) without checkpoint averaging. Params of our configs; the '
-        "paper's Table 3 params are for WMT14 base widths. Training wall time counts the logged "
-        'steps only.',
+        f'Runs under `{root}`. {settings(results)} Ours: dev perplexity and BLEU (tokenized, '
+        'compound-split, as the paper; sacreBLEU beside it) without checkpoint averaging, and '
+        "their change from our base row (d); the paper's the same from its base. Params of "
+        "our configs; the paper's Table 3 params are for WMT14 base widths. Training wall "
+        'time counts the logged steps only.',
         '',
-        '| row | ours: params (M) | steps | wall (min) | PPL | BLEU | sacreBLEU '
-        '| paper: params (M) | PPL | BLEU |',
-        '|---|---|---|---|---|---|---|---|---|---|',
+        '| row | ours: params (M) | steps | wall (min) | PPL | BLEU | sacreBLEU | dPPL | dBLEU '
+        '| paper: params (M) | PPL | BLEU | dPPL | dBLEU |',
+        '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
     ]
+    changes = deltas(results)
     for row, ours in results.items():
         ppl, bleu, params = table3.PAPER[row]
-        paper = f'{_cell(params, "d")} | {ppl:.2f} | {bleu:.1f}'
+        my_dppl, my_dbleu, paper_dppl, paper_dbleu = changes[row]
+        paper = f'{_cell(params, "d")} | {ppl:.2f} | {bleu:.1f} | {paper_dppl:+.2f}'
+        paper += f' | {paper_dbleu:+.1f}'
         if ours is None:
-            lines.append(f'| {row} | missing | | | | | | {paper} |')
+            lines.append(f'| {row} | missing | | | | | | | | {paper} |')
             continue
         lines.append(
             f'| {row} | {ours["params"] / 1e6:.2f} | {ours["steps"]} | '
             f'{_cell(ours["wall_minutes"], ".1f")} | {ours["perplexity"]:.2f} | '
-            f'{ours["bleu"]:.1f} | {ours["sacrebleu"]:.1f} | {paper} |'
+            f'{ours["bleu"]:.1f} | {ours["sacrebleu"]:.1f} | {_cell(my_dppl, "+.2f")} | '
+            f'{_cell(my_dbleu, "+.1f")} | {paper} |'
         )
     return '\n'.join(lines) + '\n'
 
 
 def plot(results: dict[str, dict | None], path: pathlib.Path) -> None:
-    """Dev BLEU and perplexity per row: ours (bars) and the paper's (markers)."""
-    rows = list(results)
+    """Each row's change in dev BLEU and perplexity from base: ours (bars), the paper's
+    (markers)."""
+    rows = [row for row in results if row != 'base']
+    changes = deltas(results)
     fig, axes = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
-    for ax, key, paper_index, label in (
-        (axes[0], 'bleu', 1, 'dev BLEU'),
-        (axes[1], 'perplexity', 0, 'dev perplexity'),
-    ):
-        ours = [results[r][key] if results[r] else 0.0 for r in rows]
+    for ax, mine, paper, label in ((axes[0], 1, 3, 'dev BLEU'), (axes[1], 0, 2, 'dev perplexity')):
+        ours = [changes[r][mine] or 0.0 for r in rows]
         ax.bar(rows, ours, color='tab:blue', label='ours')
-        ax.plot(
-            rows, [table3.PAPER[r][paper_index] for r in rows], 'o', color='tab:red', label='paper'
-        )
-        ax.set_ylabel(label)
+        ax.plot(rows, [changes[r][paper] for r in rows], 'o', color='tab:red', label='paper')
+        ax.axhline(0.0, color='gray', linewidth=0.8)
+        ax.set_ylabel(f'{label} - base')
         ax.legend(loc='upper right')
-    axes[1].set_xlabel('Table 3 row (missing runs have no bar)')
+    axes[1].set_xlabel('Table 3 row (rows without a run, or without base, have no bar)')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
