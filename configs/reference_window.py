@@ -5,7 +5,8 @@
 
 Trains a decoder-only Transformer (attn.model.LanguageModel) and a vanilla RNN, a GRU and
 an LSTM with matched parameter counts, on the same examples with the same optimizer and
-step budget, then scores each at distances k = 1, 2, 4, ... max_k (see
+step budget, then scores each at distances k = 1, 2, 4, ... max_k. `:kind=offset` (default)
+asks for the token k back with nothing marking it in advance; `:kind=marker` marks it (see
 experiments/reference_window/task.py). `:size=tiny` is the test's few-second version;
 `:max_k=512,steps=4000` a GPU-sized one.
 """
@@ -13,23 +14,26 @@ experiments/reference_window/task.py). `:size=tiny` is the test's few-second ver
 from ml_collections import config_dict
 
 from configs import common
+from experiments.reference_window import task
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, size='small', max_k=128, steps=1500)
+    arg = common.parse_arg(arg, size='small', kind='offset', max_k=128, steps=1500)
     common.check_choice('size', arg.size, ('tiny', 'small'))
+    common.check_choice('kind', arg.kind, task.KINDS)
     tiny = arg.size == 'tiny'
     config = config_dict.ConfigDict()
     config.seed = 0
     config.task = config_dict.ConfigDict()
-    config.task.vocab_size = 24  # 4 special, MARKER, QUERY, 18 content tokens
+    config.task.kind = arg.kind
+    config.task.content_tokens = 18
     config.task.max_k = 8 if tiny else arg.max_k
-    config.task.eval_examples_per_k = 16 if tiny else 256
+    config.eval_examples_per_k = 16 if tiny else 256
     # The Transformer; the recurrent models get the same embedding width and whatever
     # hidden size brings their parameter count nearest to its.
     config.model = common.model_config('tiny')
     config.model.update(num_layers=2, emb_dim=64, mlp_dim=256, num_heads=4, dropout_rate=0.0)
-    config.model.vocab_size = config.task.vocab_size
+    config.model.vocab_size = task.vocab_size(arg.kind, 18, config.task.max_k)
     config.model.max_len = config.task.max_k + 3
     config.models = ('transformer', 'rnn', 'gru', 'lstm')
     config.steps = 4 if tiny else arg.steps

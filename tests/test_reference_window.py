@@ -9,37 +9,46 @@ import pytest
 from configs import reference_window
 from experiments.reference_window import study, task
 
+TASK = dict(max_k=30, content_tokens=18)
 
+
+@pytest.mark.parametrize('kind', task.KINDS)
 @pytest.mark.parametrize('k', [1, 2, 7, 30])
-def test_the_answer_is_exactly_k_back(k):
-    rows = task.make_examples(np.full(5, k), max_k=30, vocab_size=24, seed=k)['targets']
+def test_the_answer_is_exactly_k_back(kind, k):
+    rows = task.make_examples(np.full(5, k), kind=kind, seed=k, **TASK)['targets']
     L = task.sequence_length(30)
     assert rows.shape == (5, L)
-    np.testing.assert_array_equal(rows[:, L - 2], task.QUERY)
-    np.testing.assert_array_equal(rows[:, L - 2 - k - 1], task.MARKER)
     np.testing.assert_array_equal(rows[:, -1], rows[:, L - 2 - k])
-    assert np.all((rows == task.MARKER).sum(1) == 1) and np.all((rows == task.QUERY).sum(1) == 1)
-    assert rows[:, -1].min() >= task.FIRST_CONTENT
+    content = rows[:, -1]
+    assert content.min() >= task.FIRST_CONTENT and content.max() < task.FIRST_CONTENT + 18
+    assert rows.max() < task.vocab_size(kind, 18, 30)
+    if kind == 'marker':
+        np.testing.assert_array_equal(rows[:, L - 2], task.QUERY)
+        np.testing.assert_array_equal(rows[:, L - 2 - k - 1], task.MARKER)
+        assert np.all((rows == task.MARKER).sum(1) == 1)
+    else:  # the query names k, and is the only token outside the content range
+        np.testing.assert_array_equal(rows[:, L - 2], task.FIRST_CONTENT + 18 + k - 1)
+        assert np.all((rows >= task.FIRST_CONTENT + 18).sum(1) == 1)
 
 
 def test_examples_are_reproducible_for_a_seed():
-    first = task.training_examples(16, max_k=50, vocab_size=24, seed=3)
-    again = task.training_examples(16, max_k=50, vocab_size=24, seed=3)
-    other = task.training_examples(16, max_k=50, vocab_size=24, seed=4)
+    first = task.training_examples(16, kind='offset', **TASK, seed=3)
+    again = task.training_examples(16, kind='offset', **TASK, seed=3)
+    other = task.training_examples(16, kind='offset', **TASK, seed=4)
     np.testing.assert_array_equal(first['targets'], again['targets'])
     np.testing.assert_array_equal(first['k'], again['k'])
     assert not np.array_equal(first['targets'], other['targets'])
-    assert first['k'].min() >= 1 and first['k'].max() <= 50
+    assert first['k'].min() >= 1 and first['k'].max() <= 30
 
 
 def test_distances_outside_the_row_are_refused():
     with pytest.raises(ValueError, match=r'distances must lie in \[1, 8\]'):
-        task.make_examples([9], max_k=8, vocab_size=24, seed=0)
+        task.make_examples([9], kind='offset', max_k=8, content_tokens=18, seed=0)
 
 
-@pytest.mark.parametrize('size', ['tiny', 'small'])
-def test_recurrent_models_match_the_transformers_parameters(size):
-    config = reference_window.get_config(f'size={size}')
+@pytest.mark.parametrize('arg', ['size=tiny', 'size=small', 'kind=marker'])
+def test_recurrent_models_match_the_transformers_parameters(arg):
+    config = reference_window.get_config(arg)
     counts = {name: study.build(name, config)[1]['params'] for name in config.models}
     for name in ('rnn', 'gru', 'lstm'):
         assert abs(counts[name] - counts['transformer']) <= 0.1 * counts['transformer'], counts

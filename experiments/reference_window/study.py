@@ -27,6 +27,10 @@ from attn.summary import module_params  # noqa: E402
 from experiments.reference_window import recurrent, task  # noqa: E402
 
 LOG_EVERY = 50
+WHAT = {
+    'offset': 'the query names k; nothing marks the answer before it',
+    'marker': 'a marker precedes the answer; one query token',
+}
 
 
 def build(name: str, config) -> tuple[nnx.Module, dict]:
@@ -80,9 +84,7 @@ def train(model, config) -> dict:
     t = config.task
     losses, start = [], time.perf_counter()
     for step in range(1, config.steps + 1):
-        batch = task.training_examples(
-            config.batch_size, max_k=t.max_k, vocab_size=t.vocab_size, seed=config.seed + step
-        )
+        batch = task.training_examples(config.batch_size, seed=config.seed + step, **t)
         loss = train_step(model, optimizer, batch['targets'])
         if step % LOG_EVERY == 0 or step == config.steps:
             losses.append((step, float(loss)))
@@ -94,10 +96,9 @@ def accuracy_by_distance(model, config) -> dict[int, float]:
     result = {}
     for k in task.evaluation_grid(t.max_k):
         examples = task.make_examples(
-            np.full(t.eval_examples_per_k, k),
-            max_k=t.max_k,
-            vocab_size=t.vocab_size,
+            np.full(config.eval_examples_per_k, k),
             seed=10**6 + k,  # held out: training seeds are seed + step
+            **t,
         )
         predicted = np.asarray(predictions(model, examples['targets']))
         result[k] = float((predicted == examples['targets'][:, -1]).mean())
@@ -126,13 +127,16 @@ def plot(results: dict, config, path: str) -> None:
         ks = list(info['accuracy'])
         label = f'{name} ({info["params"] / 1e3:.0f}K params)'
         ax.plot(ks, [info['accuracy'][k] for k in ks], 'o-', label=label)
-    chance = 1 / (config.task.vocab_size - task.FIRST_CONTENT)
+    chance = 1 / config.task.content_tokens
     ax.axhline(chance, color='gray', linestyle=':', label='chance')
     ax.set_xscale('log', base=2)
     ax.set_xlabel('distance k back to the token to recall')
     ax.set_ylabel('accuracy')
     ax.set_ylim(0, 1.02)
-    ax.set_title(f'Reference window: {config.steps} steps x {config.batch_size} examples each')
+    ax.set_title(
+        f'Reference window ({config.task.kind} task): '
+        f'{config.steps} steps x {config.batch_size} examples each'
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -145,12 +149,13 @@ def report(results: dict, config) -> str:
     lines = [
         '# Reference window: attention against RNN, GRU and LSTM',
         '',
-        f'Recall the token after a marker k positions back (rows of {task.sequence_length(t.max_k)}'
-        f' tokens, {t.vocab_size - task.FIRST_CONTENT} content tokens, chance '
-        f'{1 / (t.vocab_size - task.FIRST_CONTENT):.3f}). Every model: {config.steps} Adam steps'
+        f'Task `{t.kind}`: recall the token k positions before the query ({WHAT[t.kind]}; rows'
+        f' of {task.sequence_length(t.max_k)} tokens, {t.content_tokens} content tokens, chance '
+        f'{1 / t.content_tokens:.3f}). Every model: {config.steps} Adam steps'
         f' of {config.batch_size} examples (k uniform in 1..{t.max_k}), learning rate '
         f'{config.learning_rate}, gradient clipping {config.grad_clip_norm}; accuracy over '
-        f'{t.eval_examples_per_k} held-out examples per k. Device: {jax.devices()[0].device_kind}.',
+        f'{config.eval_examples_per_k} held-out examples per k. '
+        f'Device: {jax.devices()[0].device_kind}.',
         '',
         '| model | params | width | train s | final loss | '
         + ' | '.join(f'k={k}' for k in ks)
