@@ -18,7 +18,7 @@ from experiments.reference_window import task
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, size='small', kind='offset', max_k=128, steps=1500)
+    arg = common.parse_arg(arg, size='small', kind='offset', max_k=64, steps=2000)
     common.check_choice('size', arg.size, ('tiny', 'small'))
     common.check_choice('kind', arg.kind, task.KINDS)
     tiny = arg.size == 'tiny'

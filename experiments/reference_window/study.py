@@ -152,7 +152,7 @@ def report(results: dict, config) -> str:
         f'Task `{t.kind}`: recall the token k positions before the query ({WHAT[t.kind]}; rows'
         f' of {task.sequence_length(t.max_k)} tokens, {t.content_tokens} content tokens, chance '
         f'{1 / t.content_tokens:.3f}). Every model: {config.steps} Adam steps'
-        f' of {config.batch_size} examples (k uniform in 1..{t.max_k}), learning rate '
+        f' of {config.batch_size} examples (k uniform over the distances below), learning rate '
         f'{config.learning_rate}, gradient clipping {config.grad_clip_norm}; accuracy over '
         f'{config.eval_examples_per_k} held-out examples per k. '
         f'Device: {jax.devices()[0].device_kind}.',

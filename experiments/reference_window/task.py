@@ -67,8 +67,10 @@ def make_examples(
 
 
 def training_examples(count: int, *, max_k: int, seed: int, **task) -> dict:
-    """`count` rows with k uniform in [1, max_k]."""
-    distances = np.random.default_rng([seed, 0]).integers(1, max_k + 1, count)
+    """`count` rows with k drawn uniformly from `evaluation_grid(max_k)`: every distance
+    scored is trained on equally often (and each 'offset' query token is seen often)."""
+    grid = np.array(evaluation_grid(max_k), np.int32)
+    distances = np.random.default_rng([seed, 0]).choice(grid, count)
     return make_examples(distances, max_k=max_k, seed=seed, **task)
 
 
