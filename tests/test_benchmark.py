@@ -24,7 +24,7 @@ def test_speed_reports_train_and_decode_with_a_baseline_ratio():
             '--runs=1',
             '--decode_batch=2',
             '--peak_tflops=1',
-            '--compare=model.dtype=bfloat16',
+            '--compare=model.dtype=bfloat16,prng_impl=unsafe_rbg',
         ],
         capture_output=True,
         text=True,
@@ -33,7 +33,7 @@ def test_speed_reports_train_and_decode_with_a_baseline_ratio():
     )
     report = json.loads(result.stdout)
     train, decode = report['measured']['train'], report['measured']['decode']
-    assert report['batch'] == [4, 16] and report['model']['vocab_size'] == 64
+    assert train['batch'] == [4, 16] and report['model']['vocab_size'] == 64
     assert train['step_ms_min'] <= train['step_ms'] <= train['step_ms_max']
     assert train['target_tokens_per_s'] == pytest.approx(
         4 * 16 / (train['step_ms'] / 1e3), rel=1e-2
@@ -41,7 +41,8 @@ def test_speed_reports_train_and_decode_with_a_baseline_ratio():
     assert train['mfu'] == pytest.approx(train['tflops_per_s'], abs=1e-3)
     assert 0 < train['loss'] < 10
     assert decode['target_tokens_per_s'] > 0 and decode['beam_size'] == 4
+    assert decode['batch'] == [2, 30, 40]
     baseline = report['baseline']
-    assert baseline['overrides'] == 'model.dtype=bfloat16'
+    assert baseline['overrides'] == 'model.dtype=bfloat16,prng_impl=unsafe_rbg'
     expected = baseline['train']['step_ms'] / train['step_ms']
     assert report['speedup']['train'] == pytest.approx(expected, abs=1e-3)

@@ -128,6 +128,7 @@ def measure_train(config) -> dict:
     )
     tflops = flops / median / 1e12
     result = {
+        'batch': [_BATCH.value, _LENGTH.value],
         'step_ms': round(1e3 * median, 2),
         'step_ms_min': round(1e3 * min(times), 2),
         'step_ms_max': round(1e3 * max(times), 2),
@@ -185,7 +186,7 @@ def measure_decode(config) -> dict:
     tokens = int(((out != 0) & (out != EOS_ID)).sum())  # EOS not counted
     return {
         'beam_size': _BEAM.value,
-        'batch': rows,
+        'batch': [rows, SOURCE_LENGTH, TARGET_LENGTH],
         'median_s': round(median, 4),
         'target_tokens_per_s': round(tokens / median, 1),
         'sentences_per_s': round(rows / median, 2),
@@ -207,7 +208,6 @@ def main(argv):
     config = cli.config()
     report = {
         'model': configuration.model_config(config).__dict__ | {'vocab_size': _VOCAB.value},
-        'batch': [_BATCH.value, _LENGTH.value],
         'devices': jax.device_count(),
         'device': jax.devices()[0].device_kind,
         'measured': measure(config),
