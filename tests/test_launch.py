@@ -10,7 +10,9 @@ import subprocess
 import pytest
 
 ROOT = pathlib.Path(__file__).parent.parent
-SCRIPTS = sorted(p for p in (ROOT / 'launch').iterdir() if p.suffix in ('.sh', '.sbatch'))
+SCRIPTS = sorted(p for p in (ROOT / 'launch').iterdir() if p.suffix in ('.sh', '.sbatch')) + [
+    ROOT / 'experiments' / 'benchmark' / 'gpu.sh'
+]
 
 
 def test_there_are_launch_scripts():
