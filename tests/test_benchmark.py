@@ -10,7 +10,7 @@ import pytest
 ROOT = pathlib.Path(__file__).parent.parent
 
 
-def test_speed_reports_train_and_decode_with_a_baseline_ratio():
+def test_speed_reports_train_and_decode_with_a_baseline_ratio(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
@@ -25,6 +25,7 @@ def test_speed_reports_train_and_decode_with_a_baseline_ratio():
             '--decode_batch=2',
             '--peak_tflops=1',
             '--compare=model.dtype=bfloat16,prng_impl=unsafe_rbg',
+            f'--profile_dir={tmp_path}',
         ],
         capture_output=True,
         text=True,
@@ -40,9 +41,17 @@ def test_speed_reports_train_and_decode_with_a_baseline_ratio():
     )
     assert train['mfu'] == pytest.approx(train['tflops_per_s'], abs=1e-3)
     assert 0 < train['loss'] < 10
+    assert 0.9 < train['xla_flops_vs_formula'] < 3  # XLA also counts softmax, Adam, ...
     assert decode['target_tokens_per_s'] > 0 and decode['beam_size'] == 4
     assert decode['batch'] == [2, 30, 40]
     baseline = report['baseline']
     assert baseline['overrides'] == 'model.dtype=bfloat16,prng_impl=unsafe_rbg'
     expected = baseline['train']['step_ms'] / train['step_ms']
     assert report['speedup']['train'] == pytest.approx(expected, abs=1e-3)
+    summary = subprocess.run(
+        [sys.executable, str(ROOT / 'experiments' / 'benchmark' / 'trace_summary.py'), tmp_path],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert 'ms of events' in summary and 'train_step' in summary

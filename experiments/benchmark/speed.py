@@ -45,6 +45,9 @@ _PEAK = flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of one device (0: n
 _BEAM = flags.DEFINE_integer('beam_size', 4, 'Decode: beam size; 1 = greedy.')
 _DECODE_BATCH = flags.DEFINE_integer('decode_batch', 32, 'Decode: sentences per batch.')
 _RUNS = flags.DEFINE_integer('runs', 5, 'Decode: timed runs.')
+_PROFILE = flags.DEFINE_string(
+    'profile_dir', None, 'Train: also trace 3 steps after the timed ones (jax.profiler) here.'
+)
 _COMPARE = flags.DEFINE_string(
     'compare', None, 'Baseline overrides, e.g. model.dtype=float32,model.attention=reference.'
 )
@@ -119,6 +122,12 @@ def measure_train(config) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
 
+    if _PROFILE.value:
+        with jax.profiler.trace(_PROFILE.value):
+            for _ in range(3):
+                state, metrics = compiled(state, batch, rng)
+            jax.block_until_ready(metrics)
+
     median = statistics.median(times)
     tokens = _BATCH.value * _LENGTH.value
     flops = (
@@ -135,12 +144,23 @@ def measure_train(config) -> dict:
         'target_tokens_per_s': round(tokens / median, 1),
         'tflops_per_s': round(tflops, 3),
         'compile_s': round(compile_s, 2),
+        'xla_flops_vs_formula': _xla_flops_ratio(compiled, flops),
         'peak_memory_gib': _gib(peak_memory_bytes(compiled)),
         'loss': round(float(metrics['loss']), 4),
     }
     if _PEAK.value:
         result['mfu'] = round(tflops / (_PEAK.value * jax.device_count()), 4)
     return result
+
+
+def _xla_flops_ratio(compiled, flops: int) -> float | None:
+    """XLA's own FLOP count of the compiled step over the analytic count (None if absent)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):  # one entry per program in some JAX versions
+        analysis = analysis[0] if analysis else None
+    if not analysis or 'flops' not in analysis:
+        return None
+    return round(float(analysis['flops']) / flops, 3)
 
 
 def _gib(value: int | None) -> float | None:
