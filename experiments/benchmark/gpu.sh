@@ -3,7 +3,8 @@
 # vocabulary 32768; ANCHORS.md). For each row the switches are added one at a time, each
 # measured once, so every step's gain is the ratio to the line before:
 #   float32 reference attention -> bfloat16 -> + cuDNN attention -> + unsafe_rbg dropout PRNG
-# then base decoding (beam 4) in float32 and bfloat16. One JSON per measurement in $OUT.
+# then base decoding (beam 4) in float32 and bfloat16, and a profile of base with the
+# switches on (profile-base.txt). One JSON per measurement in $OUT.
 #
 #   bash experiments/benchmark/gpu.sh [base big]      # PEAK=989 (H100/H200 dense bf16)
 #   OUT=/tmp/b EXTRA="--batch=2 --length=8 --steps=2 --runs=1" bash experiments/benchmark/gpu.sh base
@@ -45,3 +46,8 @@ done
 speed decode-base-fp32 --config=configs/table3.py:row=base --what=decode
 speed decode-base-bf16 --config=configs/table3.py:row=base --what=decode \
   --config.model.dtype=bfloat16
+# Where base's time goes with the switches on: a trace of 3 steps, ranked by operation.
+speed profile-base --config=configs/table3.py:row=base --what=train --steps=5 \
+  --config.model.dtype=bfloat16 --config.model.attention=cudnn --profile_dir="$out/profile-base"
+python experiments/benchmark/trace_summary.py "$out/profile-base" --top=25 \
+  >"$out/profile-base.txt" 2>&1 || echo "no trace summary: see $out/profile-base.txt"
