@@ -507,6 +507,12 @@ def sample(
     return _sample(graphdef, state, prompts, lengths, key, settings, max_length=max_length)
 
 
+def output_length(row: np.ndarray) -> int:
+    """Tokens of a decoded row up to and including the first EOS (else its non-PAD tokens)."""
+    eos = np.flatnonzero(row == EOS_ID)
+    return int(eos[0]) + 1 if eos.size else int((row != PAD_ID).sum())
+
+
 def _bucket(n: int, smallest: int = 8) -> int:
     """The next power of two >= n (at least `smallest`): few shapes, few compiles."""
     return max(smallest, 1 << (max(n, 1) - 1).bit_length())

@@ -17,13 +17,11 @@ import os
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 from flax import nnx
 
 from attn import bleu, cli, decode, restore, sharding, train
 from attn.data import datasets
-from attn.model import EOS_ID
 
 
 def perplexity(run: restore.Run, data: datasets.Data, split: str) -> dict[str, float]:
@@ -53,7 +51,7 @@ def translate_split(
         for index, row in zip(batch['index'], tokens, strict=True):
             if index >= 0:
                 translations[int(index)] = data.tokenizer.decode(row)
-                generated += _length(row)
+                generated += decode.output_length(row)
     return [translations[i] for i in range(len(translations))], generated
 
 
@@ -67,12 +65,6 @@ def sample_bleu(model, config, data: datasets.Data, split: str, examples: int) -
         model, config, subset, split, beam_size=config.decode.beam_size, alpha=config.decode.alpha
     )
     return bleu.sacre_bleu(hypotheses, references(subset, split))['bleu']
-
-
-def _length(row: np.ndarray) -> int:
-    """Tokens up to and including the first EOS."""
-    eos = np.flatnonzero(row == EOS_ID)
-    return int(eos[0]) + 1 if eos.size else int((row != 0).sum())
 
 
 def references(data: datasets.Data, split: str) -> list[str]:

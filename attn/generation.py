@@ -30,7 +30,7 @@ from matplotlib import animation  # noqa: E402
 
 from attn import analysis, decode  # noqa: E402
 from attn.errors import UserError  # noqa: E402
-from attn.model import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
+from attn.model import BOS_ID, PAD_ID  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -50,10 +50,7 @@ class GenerationAttention:
 
 
 def _until_eos(row: np.ndarray) -> np.ndarray:
-    """The ids up to and including the first EOS (or up to the padding)."""
-    row = row[row != PAD_ID]
-    ends = np.flatnonzero(row == EOS_ID)
-    return row[: ends[0] + 1] if len(ends) else row
+    return row[: decode.output_length(row)]
 
 
 def _layers(maps: dict[str, np.ndarray], kind: str) -> np.ndarray:

@@ -344,27 +344,34 @@ def _sample_bleu(config, data: datasets.Data, model) -> dict[str, float]:
     return {'bleu': evaluate.sample_bleu(model, config, data, split, config.bleu_examples)}
 
 
+def setup(config, cfg, mesh):
+    """What a run of `config` (model `cfg`) steps with on `mesh`: (graphdef, rest, initial
+    TrainState, compiled train_step, compiled eval_step, dropout key)."""
+    jax.config.update('jax_threefry_partitionable', True)  # dropout independent of devices
+    tx = make_optimizer(config.optimizer, cfg.emb_dim)
+    graphdef, rest, state = create_state(config.model_kind, cfg, config.seed, tx, mesh)
+    step_cfg = StepConfig(config.model_kind, config.label_smoothing, config.grad_accum_steps)
+    train, evaluate = compile_steps(graphdef, rest, tx, step_cfg, mesh)
+    rng = jax.random.key(config.seed, impl=config.prng_impl)
+    return graphdef, rest, state, train, evaluate, rng
+
+
 def train_and_evaluate(config, workdir: str, data: datasets.Data | None = None) -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
 
     Returns the final validation metrics.
     """
-    jax.config.update('jax_threefry_partitionable', True)  # dropout independent of devices
     workdir_lib.write_config(workdir, config)
     mesh = sharding.make_mesh()
     data = data or datasets.load(config)
     train_iter = data.train_iterator(config)
 
     cfg = configuration.model_config(config)
-    tx = make_optimizer(config.optimizer, cfg.emb_dim)
-    graphdef, rest, state = create_state(config.model_kind, cfg, config.seed, tx, mesh)
+    graphdef, rest, state, train, evaluate, rng = setup(config, cfg, mesh)
     ckpt = checkpoint.Checkpointer(workdir_lib.checkpoints(workdir), keep=config.keep_checkpoints)
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state, train_iter)
-    step_cfg = StepConfig(config.model_kind, config.label_smoothing, config.grad_accum_steps)
-    train, evaluate = compile_steps(graphdef, rest, tx, step_cfg, mesh)
 
-    rng = jax.random.key(config.seed, impl=config.prng_impl)
     schedule = learning_rate_schedule(
         cfg.emb_dim, config.optimizer.warmup_steps, config.optimizer.lr_scale
     )

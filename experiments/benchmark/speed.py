@@ -97,36 +97,30 @@ def peak_memory_bytes(compiled) -> int | None:
 
 
 def measure_train(config) -> dict:
-    jax.config.update('jax_threefry_partitionable', True)
     cfg = dataclasses.replace(configuration.model_config(config), vocab_size=_VOCAB.value)
     mesh = sharding.make_mesh()
-    tx = train.make_optimizer(config.optimizer, cfg.emb_dim)
-    graphdef, rest, state = train.create_state(config.model_kind, cfg, config.seed, tx, mesh)
-    step_cfg = train.StepConfig(config.model_kind, config.label_smoothing, config.grad_accum_steps)
-    step, _ = train.compile_steps(graphdef, rest, tx, step_cfg, mesh)
+    _, _, state, step, _, rng = train.setup(config, cfg, mesh)
     batch = sharding.global_batch(
         mesh, synthetic_batch(config.model_kind, _BATCH.value, _LENGTH.value, _VOCAB.value)
     )
-    rng = jax.random.key(config.seed, impl=config.prng_impl)
 
     start = time.perf_counter()
     compiled = step.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - start
-    for _ in range(_WARMUP.value):
-        state, metrics = compiled(state, batch, rng)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(_STEPS.value):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch, rng)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
+
+    last = {}
+
+    def run():
+        nonlocal state
+        state, last['metrics'] = compiled(state, batch, rng)
+        jax.block_until_ready(last['metrics'])
+
+    _times(run, _WARMUP.value)
+    times = _times(run, _STEPS.value)
 
     if _PROFILE.value:
         with jax.profiler.trace(_PROFILE.value):
-            for _ in range(3):
-                state, metrics = compiled(state, batch, rng)
-            jax.block_until_ready(metrics)
+            _times(run, 3)
 
     median = statistics.median(times)
     tokens = _BATCH.value * _LENGTH.value
@@ -146,11 +140,21 @@ def measure_train(config) -> dict:
         'compile_s': round(compile_s, 2),
         'xla_flops_vs_formula': _xla_flops_ratio(compiled, flops),
         'peak_memory_gib': _gib(peak_memory_bytes(compiled)),
-        'loss': round(float(metrics['loss']), 4),
+        'loss': round(float(last['metrics']['loss']), 4),
     }
     if _PEAK.value:
         result['mfu'] = round(tflops / (_PEAK.value * jax.device_count()), 4)
     return result
+
+
+def _times(fn, runs: int) -> list[float]:
+    """Wall seconds of each of `runs` calls of `fn` (which waits for its results)."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def _xla_flops_ratio(compiled, flops: int) -> float | None:
@@ -179,7 +183,9 @@ def measure_decode(config) -> dict:
     inputs[:, -1] = EOS_ID
     extra = TARGET_LENGTH - SOURCE_LENGTH + 1  # room for exactly TARGET_LENGTH tokens
 
-    def run() -> np.ndarray:
+    last = {}
+
+    def run() -> None:
         if _BEAM.value == 1:
             out = decode.greedy_search(
                 model, inputs, max_extra_length=extra, min_length=TARGET_LENGTH
@@ -192,16 +198,11 @@ def measure_decode(config) -> dict:
                 max_extra_length=extra,
                 min_length=TARGET_LENGTH,
             )
-        return np.asarray(jax.block_until_ready(out))
+        last['out'] = np.asarray(jax.block_until_ready(out))
 
-    start = time.perf_counter()
-    out = run()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(_RUNS.value):
-        start = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - start)
+    first = _times(run, 1)[0]  # compiles
+    times = _times(run, _RUNS.value)
+    out = last['out']
     median = statistics.median(times)
     tokens = int(((out != 0) & (out != EOS_ID)).sum())  # EOS not counted
     return {

@@ -36,11 +36,12 @@ WHAT = {
 def build(name: str, config) -> tuple[nnx.Module, dict]:
     """A model of the study and a description of it (parameters, widths)."""
     cfg = configuration.model_config(config)
-    transformer = LanguageModel(cfg, rngs=nnx.Rngs(config.seed))
-    budget = sum(module_params(transformer).values())
     if name == 'transformer':
+        transformer = LanguageModel(cfg, rngs=nnx.Rngs(config.seed))
         info = dict(layers=cfg.num_layers, d_model=cfg.emb_dim, heads=cfg.num_heads)
-        return transformer, info | {'params': budget}
+        return transformer, info | {'params': sum(module_params(transformer).values())}
+    shapes = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))
+    budget = sum(module_params(shapes).values())
     hidden = recurrent.matched_hidden(name, cfg.vocab_size, cfg.emb_dim, budget)
     model = recurrent.RecurrentModel(
         name, cfg.vocab_size, cfg.emb_dim, hidden, rngs=nnx.Rngs(config.seed)
