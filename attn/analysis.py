@@ -15,7 +15,7 @@ from flax import nnx
 
 from attn import layers
 from attn.model import EOS_ID, PAD_ID
-from attn.train import cross_entropy, forward, target_weights
+from attn.step import cross_entropy, forward, target_weights
 
 
 def module_name(path) -> str:

@@ -20,17 +20,20 @@ import jax
 from absl import app, flags
 from flax import nnx
 
-from attn import bleu, cli, decode, restore, sharding, train
+from attn import bleu, cli, decode, restore, sharding
+from attn import step as step_lib
 from attn.data import datasets
 
 
 def perplexity(run: restore.Run, data: datasets.Data, split: str) -> dict[str, float]:
     """Teacher-forced loss and perplexity over every example of `split`."""
     graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
-    cfg = train.StepConfig(run.config.model_kind, run.config.label_smoothing)
-    eval_step = jax.jit(functools.partial(train.eval_step, graphdef=graphdef, rest=rest, cfg=cfg))
+    cfg = step_lib.StepConfig(run.config.model_kind, run.config.label_smoothing)
+    eval_step = jax.jit(
+        functools.partial(step_lib.eval_step, graphdef=graphdef, rest=rest, cfg=cfg)
+    )
     mesh = sharding.make_mesh()
-    return train.evaluate_loss(eval_step, params, data.eval_batches(run.config, split), mesh)
+    return step_lib.evaluate_loss(eval_step, params, data.eval_batches(run.config, split), mesh)
 
 
 def translate_split(

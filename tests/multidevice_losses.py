@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 
-from attn import sharding, train
+from attn import sharding, step
 from attn.model import ModelConfig
 from configs import common
 
@@ -22,10 +22,10 @@ def losses(steps: int = 20) -> list[float]:
     cfg = ModelConfig(vocab_size=64, num_layers=2, emb_dim=32, num_heads=4, mlp_dim=64)
     optimizer = common.base_config('tiny').optimizer
     optimizer.warmup_steps = 10
-    tx = train.make_optimizer(optimizer, cfg.emb_dim)
+    tx = step.make_optimizer(optimizer, cfg.emb_dim)
     mesh = sharding.make_mesh()
-    graphdef, rest, state = train.create_state('transformer', cfg, 0, tx, mesh)
-    step_fn, _ = train.compile_steps(graphdef, rest, tx, train.StepConfig('transformer', 0.1), mesh)
+    graphdef, rest, state = step.create_state('transformer', cfg, 0, tx, mesh)
+    step_fn, _ = step.compile_steps(graphdef, rest, tx, step.StepConfig('transformer', 0.1), mesh)
     rng = np.random.default_rng(0)
     out = []
     for _ in range(steps):

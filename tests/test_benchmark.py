@@ -1,5 +1,6 @@
 """experiments/benchmark/speed.py: its JSON report and the --compare ratio."""
 
+import ast
 import json
 import pathlib
 import subprocess
@@ -55,3 +56,23 @@ def test_speed_reports_train_and_decode_with_a_baseline_ratio(tmp_path):
         check=True,
     ).stdout
     assert 'ms of events' in summary and 'train_step' in summary
+
+
+def test_speed_needs_no_data_stack():
+    """The benchmark runs where only jax, flax, optax and ml_collections are installed
+    (an accelerator image without TFDS, Grain or TensorBoard writers)."""
+    code = (
+        'import sys; sys.argv = ["speed"]; import speed; '
+        'print(sorted({m.split(".")[0] for m in sys.modules}))'
+    )
+    out = subprocess.run(
+        [sys.executable, '-c', code],
+        cwd=ROOT / 'experiments' / 'benchmark',
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    loaded = set(ast.literal_eval(out.strip().splitlines()[-1]))
+    heavy = {'grain', 'tensorflow_datasets', 'tensorflow', 'array_record', 'tensorboardX'}
+    assert loaded & heavy == set(), f'speed.py imports {loaded & heavy}'
+    assert 'attn' in loaded and 'optax' in loaded

@@ -31,7 +31,8 @@ import jax
 import numpy as np
 from absl import flags
 
-from attn import cli, configuration, decode, sharding, summary, train
+from attn import cli, configuration, decode, sharding, summary
+from attn import step as step_lib
 from attn.errors import UserError
 from attn.model import EOS_ID, NUM_SPECIAL_TOKENS, build_model
 
@@ -99,7 +100,7 @@ def peak_memory_bytes(compiled) -> int | None:
 def measure_train(config) -> dict:
     cfg = dataclasses.replace(configuration.model_config(config), vocab_size=_VOCAB.value)
     mesh = sharding.make_mesh()
-    _, _, state, step, _, rng = train.setup(config, cfg, mesh)
+    _, _, state, step, _, rng = step_lib.setup(config, cfg, mesh)
     batch = sharding.global_batch(
         mesh, synthetic_batch(config.model_kind, _BATCH.value, _LENGTH.value, _VOCAB.value)
     )

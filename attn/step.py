@@ -1,0 +1,273 @@
+"""One training step: the paper's loss, schedule and optimizer (§5.3-§5.4), and the
+jit-compiled `train_step` and `eval_step` over a device mesh.
+
+`train_step(state, batch, rng) -> (state, metrics)` is pure; it is compiled once with
+the batch split over the mesh's `data` axis and the state replicated and donated. The
+loop that feeds it (data, checkpoints, logs) is `attn.train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from attn import sharding
+from attn.model import PAD_ID, build_model
+
+# ------------------------------------------------------------------------------- loss
+
+
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array, label_smoothing: float
+) -> dict[str, jax.Array]:
+    """Label-smoothed cross entropy (§5.4), summed over weighted tokens.
+
+    With smoothing eps the target distribution is (1 - eps) one-hot + eps uniform, so
+        loss = (1 - eps) * -log p(y) + eps * mean_v(-log p(v)),
+    computed without a [B, T, V] one-hot.
+
+    Args:
+      logits: [B, T, V] (any float dtype; the loss is taken in float32).
+      targets: [B, T] int.
+      weights: [B, T] float, 1 at real tokens, 0 at padding.
+      label_smoothing: eps_ls in [0, 1).
+    Returns:
+      sums over tokens: 'loss' (smoothed), 'nll' (plain negative log-likelihood),
+      'weight' (number of tokens).
+    """
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
+    nll = log_z - target_logit  # [B, T]
+    uniform = log_z - logits.mean(axis=-1)  # [B, T]: mean over v of -log p(v)
+    loss = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+    return {
+        'loss': (loss * weights).sum(),
+        'nll': (nll * weights).sum(),
+        'weight': weights.sum(),
+    }
+
+
+def target_weights(batch: dict[str, jax.Array]) -> jax.Array:
+    """[B, T] float32: 1 at real target tokens (segment > 0, or non-pad if unpacked)."""
+    if 'targets_segmentation' in batch:
+        return (batch['targets_segmentation'] > 0).astype(jnp.float32)
+    return (batch['targets'] != PAD_ID).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(emb_dim: int, warmup_steps: int, scale: float = 1.0) -> optax.Schedule:
+    """lrate = d_model^-0.5 * min(step^-0.5, step * warmup_steps^-1.5) (§5.3, Eq. 3).
+
+    Optax counts updates from 0; the paper's step is that count + 1.
+    """
+
+    def schedule(count):
+        step = jnp.asarray(count, jnp.float32) + 1.0
+        return scale * emb_dim**-0.5 * jnp.minimum(step**-0.5, step * warmup_steps**-1.5)
+
+    return schedule
+
+
+def make_optimizer(optimizer_config, emb_dim: int) -> optax.GradientTransformation:
+    """Adam(b1=0.9, b2=0.98, eps=1e-9) on the schedule, with optional global-norm clipping."""
+    c = optimizer_config
+    schedule = learning_rate_schedule(emb_dim, c.warmup_steps, c.lr_scale)
+    adam = optax.adam(schedule, b1=c.b1, b2=c.b2, eps=c.eps)
+    if c.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), adam)
+    return adam
+
+
+# ------------------------------------------------------------------------------ state
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step changes: the update count, parameters and optimizer state."""
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What the step functions need to know besides the model."""
+
+    kind: str  # 'transformer' or 'lm'
+    label_smoothing: float
+    grad_accum_steps: int = 1
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation):
+    """Splits a model into (graphdef, non-trained state, TrainState at step 0)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    state = TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params))
+    return graphdef, rest, state
+
+
+def forward(model, batch, kind: str, *, deterministic: bool, rngs) -> jax.Array:
+    """Teacher-forced logits [B, T, V] of a batch."""
+    if kind == 'lm':
+        return model(
+            batch['targets'],
+            batch.get('targets_segmentation'),
+            batch.get('targets_position'),
+            deterministic=deterministic,
+            rngs=rngs,
+        )
+    return model(
+        batch['inputs'],
+        batch['targets'],
+        batch.get('inputs_segmentation'),
+        batch.get('targets_segmentation'),
+        batch.get('inputs_position'),
+        batch.get('targets_position'),
+        deterministic=deterministic,
+        rngs=rngs,
+    )
+
+
+def _loss_sums(params, rest, graphdef, batch, rng, cfg: StepConfig, deterministic: bool):
+    model = nnx.merge(graphdef, params, rest)
+    rngs = None if deterministic else nnx.Rngs(dropout=rng)
+    logits = forward(model, batch, cfg.kind, deterministic=deterministic, rngs=rngs)
+    return cross_entropy(logits, batch['targets'], target_weights(batch), cfg.label_smoothing)
+
+
+def _microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    """[k * R, L] -> [k, R, L], taking rows k apart so every device keeps its own rows."""
+
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def _gradients(params, rest, graphdef, batch, rng, cfg: StepConfig):
+    """Gradient of the token-mean loss over the whole batch, and the loss sums.
+
+    With grad_accum_steps = k the batch is taken as k microbatches in sequence
+    (lax.scan), summing token-weighted gradients: the update equals that of one
+    batch k times larger, in the memory of one microbatch.
+    """
+
+    def loss_fn(params, batch, rng):
+        sums = _loss_sums(params, rest, graphdef, batch, rng, cfg, deterministic=False)
+        return sums['loss'], sums
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if cfg.grad_accum_steps == 1:
+        grads, sums = grad_fn(params, batch, rng)
+    else:
+
+        def accumulate(carry, xs):
+            index, microbatch = xs
+            grads, sums = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, (params, _empty_sums()))
+        k = cfg.grad_accum_steps
+        (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), _microbatches(batch, k)))
+    grads = jax.tree.map(lambda g: g / jnp.maximum(sums['weight'], 1.0), grads)
+    return grads, sums
+
+
+def _empty_sums() -> dict[str, jax.Array]:
+    return {name: jnp.zeros((), jnp.float32) for name in ('loss', 'nll', 'weight')}
+
+
+def _means(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    weight = jnp.maximum(sums['weight'], 1.0)
+    return {'loss': sums['loss'] / weight, 'nll': sums['nll'] / weight, 'tokens': sums['weight']}
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    graphdef,
+    rest,
+    tx: optax.GradientTransformation,
+    cfg: StepConfig,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update. Dropout keys are fold_in(rng, step): the same on any device count."""
+    step_rng = jax.random.fold_in(rng, state.step)
+    grads, sums = _gradients(state.params, rest, graphdef, batch, step_rng, cfg)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = _means(sums) | {'grad_norm': optax.tree.norm(grads)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch, *, graphdef, rest, cfg: StepConfig) -> dict[str, jax.Array]:
+    """Loss sums of a batch without dropout (to be added up over a split)."""
+    return _loss_sums(params, rest, graphdef, batch, None, cfg, deterministic=True)
+
+
+def compile_steps(graphdef, rest, tx, cfg: StepConfig, mesh) -> tuple[Any, Any]:
+    """jit-compiled (train_step, eval_step): batch split over `data`, state replicated
+    and donated."""
+    replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    train = jax.jit(
+        functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx, cfg=cfg),
+        in_shardings=(replicated, batch, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    evaluate = jax.jit(
+        functools.partial(eval_step, graphdef=graphdef, rest=rest, cfg=cfg),
+        in_shardings=(replicated, batch),
+        out_shardings=replicated,
+    )
+    return train, evaluate
+
+
+def create_state(kind: str, cfg, seed: int, tx, mesh):
+    """(graphdef, rest, TrainState) with parameters initialized on the mesh, replicated."""
+    abstract = nnx.eval_shape(lambda: build_model(kind, cfg, seed))
+    graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
+
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+    def init():
+        _, rest, state = init_state(build_model(kind, cfg, seed), tx)
+        return rest, state
+
+    rest, state = init()
+    return graphdef, rest, state
+
+
+def evaluate_loss(eval_step, params, batches, mesh) -> dict[str, float]:
+    """Token-mean loss, NLL and perplexity over eval batches (host-local, padded alike)."""
+    totals = None
+    for batch in batches:
+        batch = {k: v for k, v in batch.items() if k != 'index'}
+        sums = eval_step(params, sharding.global_batch(mesh, batch))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    weight = max(float(totals['weight']), 1.0)
+    nll = float(totals['nll']) / weight
+    return {'loss': float(totals['loss']) / weight, 'nll': nll, 'perplexity': float(np.exp(nll))}
+
+
+def setup(config, cfg, mesh):
+    """What a run of `config` (model `cfg`) steps with on `mesh`: (graphdef, rest, initial
+    TrainState, compiled train_step, compiled eval_step, dropout key)."""
+    jax.config.update('jax_threefry_partitionable', True)  # dropout independent of devices
+    tx = make_optimizer(config.optimizer, cfg.emb_dim)
+    graphdef, rest, state = create_state(config.model_kind, cfg, config.seed, tx, mesh)
+    step_cfg = StepConfig(config.model_kind, config.label_smoothing, config.grad_accum_steps)
+    train, evaluate = compile_steps(graphdef, rest, tx, step_cfg, mesh)
+    rng = jax.random.key(config.seed, impl=config.prng_impl)
+    return graphdef, rest, state, train, evaluate, rng
