@@ -204,12 +204,6 @@ class Embed(nnx.Module):
         scale = math.sqrt(table.shape[-1])
         return (jnp.take(table, ids, axis=0) * scale).astype(self.dtype)
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        """Tied pre-softmax projection: x [B, T, D] -> logits [B, T, V]."""
-        return jnp.einsum(
-            'BTD,VD->BTV', x.astype(self.dtype), self.embedding[...].astype(self.dtype)
-        )
-
 
 def sinusoidal_positions(positions: jax.Array, emb_dim: int) -> jax.Array:
     """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)) (§3.5).

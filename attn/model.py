@@ -25,6 +25,10 @@ NUM_SPECIAL_TOKENS = 4
 
 POSITIONS = ('sinusoidal', 'learned')
 DTYPES = ('float32', 'bfloat16', 'float16')
+# What a training forward pass keeps for the backward pass, per layer: everything
+# ('none'), only the layer's input ('full'), or the outputs of its dense projections
+# ('dots': attention scores, softmax, dropout and norms are recomputed).
+REMAT = ('none', 'full', 'dots')
 
 
 class ConfigError(ValueError):
@@ -51,6 +55,7 @@ class ModelConfig:
     tie_output: bool = True  # pre-softmax projection = target embedding^T (§3.4)
     attention: str = 'reference'  # 'reference' (einsum), 'fused' or 'cudnn' (attention.py)
     dtype: str = 'float32'  # compute dtype; parameters are always float32
+    remat: str = 'none'  # recompute activations in the backward pass: one of REMAT
 
     def __post_init__(self):
         for name in ('vocab_size', 'num_layers', 'emb_dim', 'num_heads', 'mlp_dim', 'max_len'):
@@ -85,6 +90,7 @@ class ModelConfig:
         _check_choice('positions', self.positions, POSITIONS)
         _check_choice('attention', self.attention, attention_lib.IMPLEMENTATIONS)
         _check_choice('dtype', self.dtype, DTYPES)
+        _check_choice('remat', self.remat, REMAT)
         if self.positions == 'sinusoidal' and self.emb_dim % 2:
             raise ConfigError(
                 f'model.emb_dim={self.emb_dim} must be even for sinusoidal positions '
@@ -163,6 +169,12 @@ def _segments_and_positions(tokens, segments, positions):
     return segments, positions
 
 
+def project(hidden: jax.Array, matrix: jax.Array) -> jax.Array:
+    """Pre-softmax projection: hidden [B, T, D] x matrix [V, D] -> logits [B, T, V],
+    in the matrix's dtype."""
+    return jnp.einsum('BTD,VD->BTV', hidden.astype(matrix.dtype), matrix)
+
+
 class _Embedder(nnx.Module):
     """Token embedding (shared or not) + positional encoding, then dropout (§3.4, §3.5, §5.4)."""
 
@@ -210,6 +222,21 @@ def _final_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm | None:
     if not cfg.pre_ln:
         return None
     return nnx.LayerNorm(cfg.emb_dim, epsilon=1e-6, dtype=cfg.compute_dtype, rngs=rngs)
+
+
+def _layer_caller(remat: str, deterministic: bool, **kwargs):
+    """`call(layer, *args, rngs)`: runs a layer, under `nnx.remat` when training asks
+    for it (only a training pass has a backward pass to save memory for)."""
+
+    def call(layer, *args):
+        *args, rngs = args
+        return layer(*args, deterministic=deterministic, rngs=rngs, **kwargs)
+
+    if remat == 'none' or deterministic:
+        return call
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == 'dots' else None
+    # Only variable values (the dropout stream's count) leave the call, no graph changes.
+    return nnx.remat(call, policy=policy, graph_updates=False)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -300,6 +327,7 @@ class Encoder(nnx.Module):
         self.embedder = _Embedder(cfg, embed, rngs=rngs)
         self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = _final_norm(cfg, rngs)
+        self.remat = cfg.remat
 
     def __call__(
         self, tokens, segments=None, positions=None, *, deterministic=True, rngs=None
@@ -308,8 +336,9 @@ class Encoder(nnx.Module):
         segments, positions = _segments_and_positions(tokens, segments, positions)
         mask = attention_lib.segment_mask(segments, segments)  # [B, 1, S, S]
         x = self.embedder(tokens, positions, deterministic=deterministic, rngs=rngs)
+        call = _layer_caller(self.remat, deterministic)
         for layer in self.layers:
-            x = layer(x, mask, deterministic=deterministic, rngs=rngs)
+            x = call(layer, x, mask, rngs)
         return x if self.final_norm is None else self.final_norm(x)
 
 
@@ -332,6 +361,7 @@ class Decoder(nnx.Module):
             ]
         )
         self.final_norm = _final_norm(cfg, rngs)
+        self.remat = cfg.remat
         if cfg.tie_output:
             self.logits_dense = None
         else:
@@ -359,6 +389,7 @@ class Decoder(nnx.Module):
         deterministic=True,
         rngs=None,
         decode=False,
+        project=True,
     ) -> jax.Array:
         """Logits of the next token at each position.
 
@@ -368,8 +399,9 @@ class Decoder(nnx.Module):
           encoded: [B, S, D] encoder output (None for a decoder-only model, or with
             decode=True once `init_cache` has projected it).
           encoder_segments: [B, S] segment ids of the source.
+          project: False returns the final hidden states instead of the logits.
         Returns:
-          [B, T, V] logits.
+          [B, T, V] logits (or [B, T, D] hidden states: `logits` projects them).
         """
         segments, positions = _segments_and_positions(decoder_inputs, segments, positions)
         if decode:
@@ -383,21 +415,24 @@ class Decoder(nnx.Module):
         if encoder_segments is not None:
             cross_mask = attention_lib.segment_mask(segments, encoder_segments)  # [B, 1, T, S]
         y = self.embedder(decoder_inputs, positions, deterministic=deterministic, rngs=rngs)
+        call = _layer_caller(self.remat, deterministic, decode=decode)
         for layer in self.layers:
-            y = layer(
-                y,
-                self_mask,
-                encoded,
-                cross_mask,
-                deterministic=deterministic,
-                rngs=rngs,
-                decode=decode,
-            )
+            y = call(layer, y, self_mask, encoded, cross_mask, rngs)
         if self.final_norm is not None:
             y = self.final_norm(y)
+        return self.logits(y) if project else y
+
+    def output_matrix(self) -> jax.Array:
+        """[V, D] pre-softmax projection in the compute dtype: the target embedding
+        (tied, §3.4) or the decoder's own matrix."""
+        embed = self.embedder.embed
         if self.logits_dense is None:
-            return self.embedder.embed.attend(y)  # [B, T, V]
-        return self.logits_dense(y)  # [B, T, V]
+            return embed.embedding[...].astype(embed.dtype)
+        return self.logits_dense.kernel[...].T.astype(embed.dtype)
+
+    def logits(self, y: jax.Array) -> jax.Array:
+        """Hidden states [B, T, D] -> next-token logits [B, T, V]."""
+        return project(y, self.output_matrix())
 
 
 # ----------------------------------------------------------------------------- models
@@ -435,7 +470,7 @@ class Transformer(nnx.Module):
         """Next-token logits [B, T, V] for `decoder_inputs` [B, T] given `encoded` [B, S, D].
 
         `inputs` [B, S] (the source ids) give the source padding when
-        `inputs_segmentation` is None. kwargs: deterministic, rngs, decode.
+        `inputs_segmentation` is None. kwargs: deterministic, rngs, decode, project.
         """
         if inputs_segmentation is None:
             inputs_segmentation = (inputs != PAD_ID).astype(jnp.int32)
@@ -459,8 +494,10 @@ class Transformer(nnx.Module):
         *,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
+        project: bool = True,
     ) -> jax.Array:
-        """Teacher-forced logits [B, T, V] for `targets` [B, T] given `inputs` [B, S]."""
+        """Teacher-forced logits [B, T, V] for `targets` [B, T] given `inputs` [B, S]
+        (project=False: the decoder's final hidden states [B, T, D])."""
         kwargs = dict(deterministic=deterministic, rngs=rngs)
         encoded = self.encode(inputs, inputs_segmentation, inputs_position, **kwargs)
         decoder_inputs = shift_right(targets, targets_segmentation, targets_position)
@@ -471,6 +508,7 @@ class Transformer(nnx.Module):
             inputs_segmentation,
             targets_segmentation,
             targets_position,
+            project=project,
             **kwargs,
         )
 
@@ -491,11 +529,18 @@ class LanguageModel(nnx.Module):
         *,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
+        project: bool = True,
     ) -> jax.Array:
-        """Logits [B, T, V] predicting each of `tokens` [B, T] from the ones before it."""
+        """Logits [B, T, V] predicting each of `tokens` [B, T] from the ones before it
+        (project=False: the final hidden states [B, T, D])."""
         decoder_inputs = shift_right(tokens, segmentation, position)
         return self.decoder(
-            decoder_inputs, segmentation, position, deterministic=deterministic, rngs=rngs
+            decoder_inputs,
+            segmentation,
+            position,
+            deterministic=deterministic,
+            rngs=rngs,
+            project=project,
         )
 
 

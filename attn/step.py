@@ -19,7 +19,7 @@ import optax
 from flax import nnx, struct
 
 from attn import sharding
-from attn.model import PAD_ID, build_model
+from attn.model import PAD_ID, ConfigError, build_model, project
 
 # ------------------------------------------------------------------------------- loss
 
@@ -53,6 +53,46 @@ def cross_entropy(
         'nll': (nll * weights).sum(),
         'weight': weights.sum(),
     }
+
+
+def chunked_cross_entropy(
+    hidden: jax.Array,
+    matrix: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    label_smoothing: float,
+    chunk: int,
+) -> dict[str, jax.Array]:
+    """`cross_entropy` of the logits `project(hidden, matrix)`, `chunk` target positions
+    at a time: each chunk's [B, chunk, V] logits are made in the forward pass and made
+    again in the backward pass, so the [B, T, V] logits are never held whole.
+
+    Args:
+      hidden: [B, T, D] final decoder states.
+      matrix: [V, D] pre-softmax projection.
+      targets, weights, label_smoothing: as in `cross_entropy`.
+      chunk: positions per chunk; T is padded (with weight 0) to a multiple of it.
+    Returns:
+      the sums of `cross_entropy`.
+    """
+    batch, length = targets.shape
+    pad = -length % chunk
+    count = (length + pad) // chunk
+
+    def chunks(x):  # [B, T, ...] -> [count, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape(batch, count, chunk, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def one(matrix, hidden, targets, weights):
+        return cross_entropy(project(hidden, matrix), targets, weights, label_smoothing)
+
+    def add(sums, xs):
+        return jax.tree.map(jnp.add, sums, one(matrix, *xs)), None
+
+    xs = (chunks(hidden), chunks(targets), chunks(weights))
+    sums, _ = jax.lax.scan(add, _empty_sums(), xs)
+    return sums
 
 
 def target_weights(batch: dict[str, jax.Array]) -> jax.Array:
@@ -107,6 +147,19 @@ class StepConfig:
     kind: str  # 'transformer' or 'lm'
     label_smoothing: float
     grad_accum_steps: int = 1
+    loss_chunk: int = 0  # > 0: logits and loss this many target positions at a time
+
+    def __post_init__(self):
+        if not isinstance(self.grad_accum_steps, int) or self.grad_accum_steps < 1:
+            raise ConfigError(
+                f'config.grad_accum_steps={self.grad_accum_steps!r} must be an integer >= 1 '
+                '(1 = no accumulation).'
+            )
+        if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+            raise ConfigError(
+                f'config.loss_chunk={self.loss_chunk!r} must be an integer >= 0 '
+                '(0 = the whole loss at once; e.g. 64 = 64 target positions at a time).'
+            )
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation):
@@ -116,8 +169,8 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation):
     return graphdef, rest, state
 
 
-def forward(model, batch, kind: str, *, deterministic: bool, rngs) -> jax.Array:
-    """Teacher-forced logits [B, T, V] of a batch."""
+def forward(model, batch, kind: str, *, deterministic: bool, rngs, project=True) -> jax.Array:
+    """Teacher-forced logits [B, T, V] of a batch (project=False: hidden states [B, T, D])."""
     if kind == 'lm':
         return model(
             batch['targets'],
@@ -125,6 +178,7 @@ def forward(model, batch, kind: str, *, deterministic: bool, rngs) -> jax.Array:
             batch.get('targets_position'),
             deterministic=deterministic,
             rngs=rngs,
+            project=project,
         )
     return model(
         batch['inputs'],
@@ -135,14 +189,24 @@ def forward(model, batch, kind: str, *, deterministic: bool, rngs) -> jax.Array:
         batch.get('targets_position'),
         deterministic=deterministic,
         rngs=rngs,
+        project=project,
     )
 
 
 def _loss_sums(params, rest, graphdef, batch, rng, cfg: StepConfig, deterministic: bool):
     model = nnx.merge(graphdef, params, rest)
     rngs = None if deterministic else nnx.Rngs(dropout=rng)
+    targets, weights = batch['targets'], target_weights(batch)
+    if cfg.loss_chunk:
+        hidden = forward(
+            model, batch, cfg.kind, deterministic=deterministic, rngs=rngs, project=False
+        )
+        matrix = model.decoder.output_matrix()
+        return chunked_cross_entropy(
+            hidden, matrix, targets, weights, cfg.label_smoothing, cfg.loss_chunk
+        )
     logits = forward(model, batch, cfg.kind, deterministic=deterministic, rngs=rngs)
-    return cross_entropy(logits, batch['targets'], target_weights(batch), cfg.label_smoothing)
+    return cross_entropy(logits, targets, weights, cfg.label_smoothing)
 
 
 def _microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
@@ -267,7 +331,9 @@ def setup(config, cfg, mesh):
     jax.config.update('jax_threefry_partitionable', True)  # dropout independent of devices
     tx = make_optimizer(config.optimizer, cfg.emb_dim)
     graphdef, rest, state = create_state(config.model_kind, cfg, config.seed, tx, mesh)
-    step_cfg = StepConfig(config.model_kind, config.label_smoothing, config.grad_accum_steps)
+    step_cfg = StepConfig(
+        config.model_kind, config.label_smoothing, config.grad_accum_steps, config.loss_chunk
+    )
     train, evaluate = compile_steps(graphdef, rest, tx, step_cfg, mesh)
     rng = jax.random.key(config.seed, impl=config.prng_impl)
     return graphdef, rest, state, train, evaluate, rng

@@ -100,6 +100,10 @@ def base_config(size: str = 'base') -> config_dict.ConfigDict:
     config.grad_accum_steps = (
         1  # microbatches per update, to reach the paper's batch on fewer devices
     )
+    # > 0: the logits and loss are computed this many target positions at a time, and
+    # again in the backward pass, so the [batch, length, vocab] logits are never held
+    # whole (memory for compute; the loss is the same). 0: all at once.
+    config.loss_chunk = 0
 
     config.decode = config_dict.ConfigDict()
     config.decode.beam_size = 4  # §6.1

@@ -180,3 +180,44 @@ def test_parameter_sharing():
     table = TINY.vocab_size * TINY.emb_dim
     assert count(untied) - count(shared) == 2 * table  # target embedding + output projection
     assert shared.encoder.embedder.embed is shared.decoder.embedder.embed
+
+
+@pytest.mark.parametrize('tied', [True, False])
+def test_hidden_states_project_to_the_logits(tied):
+    """project=False gives the final hidden states; `Decoder.logits` is x @ W^T with W
+    the target embedding (tied, §3.4) or the decoder's own matrix."""
+    model = transformer(share_embeddings=tied, tie_output=tied)
+    x, y = jnp.array([pad(SOURCE_A, 7)]), jnp.array([pad(TARGET_B, 6)])
+    hidden = np.asarray(model(x, y, project=False), np.float64)
+    assert hidden.shape == (1, 6, TINY.emb_dim)
+    decoder = model.decoder
+    if tied:
+        matrix = np.asarray(decoder.embedder.embed.embedding[...], np.float64)
+    else:
+        matrix = np.asarray(decoder.logits_dense.kernel[...], np.float64).T
+    np.testing.assert_allclose(np.asarray(model(x, y)), hidden @ matrix.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_remat_changes_memory_not_gradients(remat):
+    """With dropout on, rematerialised layers give the same loss and gradients, taken as
+    the train step takes them (the model merged inside `jax.grad`)."""
+    x, y = jnp.array([pad(SOURCE_A, 7)]), jnp.array([pad(TARGET_B, 6)])
+
+    def loss_and_grads(model):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(params):
+            model = nnx.merge(graphdef, params, rest)
+            logits = model(x, y, deterministic=False, rngs=nnx.Rngs(dropout=3))
+            return (jax.nn.logsumexp(logits, axis=-1) - logits[..., 5]).mean()
+
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+        return jax.value_and_grad(loss)(params), 'remat' in jaxpr or 'checkpoint' in jaxpr
+
+    (plain_loss, plain), plain_remat = loss_and_grads(transformer())
+    (remat_loss, grads), has_remat = loss_and_grads(transformer(remat=remat))
+    assert has_remat and not plain_remat
+    assert float(plain_loss) == pytest.approx(float(remat_loss), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

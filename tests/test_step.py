@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from attn import step
-from attn.model import ModelConfig, build_model
+from attn.model import ConfigError, ModelConfig, build_model
 from configs import common
 
 
@@ -123,3 +123,62 @@ def test_gradient_accumulation_equals_larger_batch():
     assert float(m1['loss']) == pytest.approx(float(m4['loss']), rel=1e-6)
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize('chunk', [1, 2, 4, 7])
+def test_chunked_loss_equals_the_whole_loss(chunk):
+    """Same sums and gradients as the loss of the whole [B, T, V] logits, with T=6 not
+    a multiple of every chunk (padding) and padded target tokens."""
+    rng = np.random.default_rng(5)
+    hidden = jnp.asarray(rng.standard_normal((3, 6, 8)), jnp.float32)
+    matrix = jnp.asarray(rng.standard_normal((11, 8)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (3, 6)))
+    weights = jnp.asarray(rng.random((3, 6)) > 0.2, jnp.float32)
+
+    def whole(hidden, matrix):
+        return step.cross_entropy(hidden @ matrix.T, targets, weights, 0.1)
+
+    def chunked(hidden, matrix):
+        return step.chunked_cross_entropy(hidden, matrix, targets, weights, 0.1, chunk)
+
+    for name in ('loss', 'nll', 'weight'):
+        assert float(chunked(hidden, matrix)[name]) == pytest.approx(
+            float(whole(hidden, matrix)[name]), rel=1e-6
+        )
+    grads = [
+        jax.grad(lambda h, m, f=f: f(h, m)['loss'], argnums=(0, 1))(hidden, matrix)
+        for f in (whole, chunked)
+    ]
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_in_the_train_step():
+    """loss_chunk changes memory, not the update (tied and untied output matrices)."""
+    for tied in (True, False):
+        cfg, tx, graphdef, rest, state = _tiny_state(share_embeddings=tied, tie_output=tied)
+        batch = _batch(4, seed=2)
+        results = [
+            step.train_step(
+                state,
+                batch,
+                jax.random.PRNGKey(0),
+                graphdef=graphdef,
+                rest=rest,
+                tx=tx,
+                cfg=step.StepConfig('transformer', 0.1, loss_chunk=chunk),
+            )
+            for chunk in (0, 4)
+        ]
+        (whole, m0), (chunked, m4) = results
+        assert float(m0['loss']) == pytest.approx(float(m4['loss']), rel=1e-6)
+        for a, b in zip(
+            jax.tree.leaves(whole.params), jax.tree.leaves(chunked.params), strict=True
+        ):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize('field, value', [('grad_accum_steps', 0), ('loss_chunk', -1)])
+def test_bad_step_settings_are_refused(field, value):
+    with pytest.raises(ConfigError, match=f'config.{field}'):
+        step.StepConfig('transformer', 0.1, **{field: value})
