@@ -1,53 +1,88 @@
 #!/usr/bin/env bash
-# The GPU fast-path measurements in one go, at the peers' setting (96 x 256 tokens per side,
-# vocabulary 32768; ANCHORS.md). For each row the switches are added one at a time, each
-# measured once, so every step's gain is the ratio to the line before:
-#   float32 reference attention -> bfloat16 -> + cuDNN attention -> + unsafe_rbg dropout PRNG
-# then base decoding (beam 4) in float32 and bfloat16, and a profile of base with the
-# switches on (profile-base.txt). One JSON per measurement in $OUT.
+# Every GPU measurement of the fast path in one call, most important first, at the peers'
+# setting (96 x 256 tokens per side, vocabulary 32768; ANCHORS.md):
+#   1. base and big with every switch on (bfloat16, cuDNN attention, unsafe_rbg dropout),
+#      each against variants with one switch off, and the float32 reference, measured in
+#      the same process (`baselines` in the JSON: speedup > 1 = the switches help);
+#   2. base beam-4 decoding in bfloat16 against float32;
+#   3. a ranked profile of base with the switches on (profile-base.txt);
+#   4. memory switches (loss_chunk, remat) and an XLA flag, if time is left.
+# A measurement is started only while BUDGET seconds (default 480) have not passed, and
+# is stopped at the budget. Results: $OUT/summary.txt (one line per measurement),
+# $OUT/profile-base.txt and $OUT/results.tgz (each measurement's JSON and stderr).
 #
-#   bash experiments/benchmark/gpu.sh [base big]      # PEAK=989 (H100/H200 dense bf16)
-#   OUT=/tmp/b EXTRA="--batch=2 --length=8 --steps=2 --runs=1" bash experiments/benchmark/gpu.sh base
-set -euo pipefail
+# Needs jax, flax, optax and ml_collections (the benchmark imports no data stack). On a
+# machine without ml_collections, carry its wheel (`.whl`) and run from the repo root:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+#   PYTHONPATH=/tmp/site OUT=$OUT bash experiments/benchmark/gpu.sh
+# A dry run on a CPU (no cuDNN there): OUT=/tmp/b FAST=--config.model.dtype=bfloat16 \
+#   EXTRA="--batch=2 --length=8 --steps=2 --warmup=1 --runs=1 --vocab=64" bash experiments/benchmark/gpu.sh
+set -uo pipefail
 out="${OUT:-bench}"
-peak="${PEAK:-989}"
-if [[ $# -gt 0 ]]; then rows=("$@"); else rows=(base big); fi
-read -r -a extra <<<"${EXTRA:-}" # e.g. EXTRA="--steps=5" for a quick look
+peak="${PEAK:-989}"  # dense bf16 TFLOP/s of one H100/H200
+budget="${BUDGET:-480}"
+python="${PYTHON:-python3}"
+read -r -a extra <<<"${EXTRA:-}"
+work="$(mktemp -d)"
 mkdir -p "$out"
-export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/attn-jax}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+summary="$out/summary.txt"
+: >"$summary"
 
-speed() { # speed NAME ARGS...: one measurement; a failure is reported and skipped
-  local name="$1"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+  "$python" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
+"optax", optax.__version__, jax.devices())'
+} >>"$summary" 2>&1
+
+speed() { # speed NAME ARGS...: one process of speed.py; its lines go to the summary
+  local name="$1" left=$((budget - SECONDS))
   shift
-  if python experiments/benchmark/speed.py --peak_tflops="$peak" "$@" "${extra[@]}" \
-    >"$out/$name.json" 2>"$out/$name.err"; then
-    python - "$out/$name.json" "$name" <<'EOF'
+  if ((left < 20)); then
+    echo "$name skipped: budget spent" >>"$summary"
+    return
+  fi
+  if timeout "$left" "$python" experiments/benchmark/speed.py --peak_tflops="$peak" "$@" \
+    "${extra[@]}" >"$work/$name.json" 2>"$work/$name.err"; then
+    "$python" - "$work/$name.json" "$name" >>"$summary" <<'EOF'
 import json, sys
-result = json.load(open(sys.argv[1]))['measured']
-for part, m in result.items():
-    rate = f"{m['tflops_per_s']} TFLOP/s, MFU {m.get('mfu')}" if part == 'train' else ''
-    time = f"{m['step_ms']} ms/step" if part == 'train' else f"{m['target_tokens_per_s']} tok/s"
-    print(f'{sys.argv[2]:28s} {part:6s} {time:>16s}  {rate}')
+report = json.load(open(sys.argv[1]))
+def line(label, parts, speedup=None):
+    for part, m in parts.items():
+        if part == 'train':
+            text = (f"{m['step_ms']} ms/step, {m['tflops_per_s']} TFLOP/s, MFU {m.get('mfu')}, "
+                    f"{m['peak_memory_gib']} GiB, compile {m['compile_s']} s")
+        else:
+            text = f"{m['target_tokens_per_s']} target tok/s, {m['sentences_per_s']} sent/s"
+        ratio = f'  (measured config {speedup[part]}x as fast)' if speedup else ''
+        print(f'{label:60s} {part:6s} {text}{ratio}')
+line(sys.argv[2], report['measured'])
+for b in report['baselines']:
+    line(f"  vs {b['overrides']}", {k: b[k] for k in ('train', 'decode') if k in b}, b['speedup'])
 EOF
   else
-    echo "$name failed: see $out/$name.err"
+    echo "$name failed or timed out (left ${left}s): $(tail -n 3 "$work/$name.err" | tr '\n' ' ')" >>"$summary"
   fi
 }
 
-for row in "${rows[@]}"; do
-  config="--config=configs/table3.py:row=$row"
-  speed "$row-fp32" "$config" --what=train
-  speed "$row-bf16" "$config" --what=train --config.model.dtype=bfloat16
-  speed "$row-bf16-cudnn" "$config" --what=train --config.model.dtype=bfloat16 \
-    --config.model.attention=cudnn
-  speed "$row-bf16-cudnn-rbg" "$config" --what=train --config.model.dtype=bfloat16 \
-    --config.model.attention=cudnn --config.prng_impl=unsafe_rbg
+read -r -a fast <<<"${FAST:---config.model.dtype=bfloat16 --config.model.attention=cudnn \
+--config.prng_impl=unsafe_rbg}"
+for row in base big; do
+  speed "$row-fast" "--config=configs/table3.py:row=$row" --what=train "${fast[@]}" \
+    --compare=prng_impl=threefry2x32 \
+    --compare=model.attention=fused \
+    --compare=model.dtype=float32,model.attention=reference,prng_impl=threefry2x32
 done
-speed decode-base-fp32 --config=configs/table3.py:row=base --what=decode
-speed decode-base-bf16 --config=configs/table3.py:row=base --what=decode \
-  --config.model.dtype=bfloat16
-# Where base's time goes with the switches on: a trace of 3 steps, ranked by operation.
-speed profile-base --config=configs/table3.py:row=base --what=train --steps=5 \
-  --config.model.dtype=bfloat16 --config.model.attention=cudnn --profile_dir="$out/profile-base"
-python experiments/benchmark/trace_summary.py "$out/profile-base" --top=25 \
-  >"$out/profile-base.txt" 2>&1 || echo "no trace summary: see $out/profile-base.txt"
+speed decode-base "--config=configs/table3.py:row=base" --what=decode \
+  --config.model.dtype=bfloat16 --compare=model.dtype=float32
+speed profile-base "--config=configs/table3.py:row=base" --what=train --steps=5 "${fast[@]}" \
+  --profile_dir="$work/profile-base"
+"$python" experiments/benchmark/trace_summary.py "$work/profile-base" --top=25 \
+  >"$out/profile-base.txt" 2>&1 || echo "no trace summary" >>"$summary"
+speed base-memory "--config=configs/table3.py:row=base" --what=train "${fast[@]}" \
+  --compare=loss_chunk=64 --compare=model.remat=dots --compare=model.remat=full
+XLA_FLAGS="--xla_gpu_enable_triton_gemm=false ${XLA_FLAGS:-}" \
+  speed base-fast-no-triton-gemm "--config=configs/table3.py:row=base" --what=train "${fast[@]}"
+
+tar czf "$out/results.tgz" -C "$work" --exclude=profile-base . && rm -rf "$work"
+cat "$summary"

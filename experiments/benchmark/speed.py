@@ -14,8 +14,9 @@ attention, logits included), MFU against --peak_tflops per device, the compile t
 peak memory. Decode: beam search (--beam_size, 1 = greedy) on --decode_batch sentences of
 30 source tokens forced to exactly 40 target tokens; target tokens/s, median of --runs.
 
---compare=field=value,... measures a second variant of the config in the same process
-and adds `speedup` = baseline time / measured time. Prints one JSON object.
+--compare=field=value,... (repeatable) measures other variants of the config in the same
+process, each under `baselines` with `speedup` = its time / the measured config's time
+(> 1: the measured config is faster). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ _RUNS = flags.DEFINE_integer('runs', 5, 'Decode: timed runs.')
 _PROFILE = flags.DEFINE_string(
     'profile_dir', None, 'Train: also trace 3 steps after the timed ones (jax.profiler) here.'
 )
-_COMPARE = flags.DEFINE_string(
-    'compare', None, 'Baseline overrides, e.g. model.dtype=float32,model.attention=reference.'
+_COMPARE = flags.DEFINE_multi_string(
+    'compare',
+    [],
+    'Baseline overrides, e.g. model.dtype=float32,model.attention=reference; repeat the '
+    'flag for several baselines, each measured in this process.',
 )
 
 SOURCE_LENGTH, TARGET_LENGTH = 30, 40  # decode shapes of ANCHORS.md's CPU figures
@@ -225,6 +229,17 @@ def measure(config) -> dict:
     return result
 
 
+def _baseline(config, overrides: str, measured: dict) -> dict:
+    """A variant's measurements and `speedup` = its time / the measured config's time."""
+    baseline = {'overrides': overrides} | measure(with_overrides(config, overrides))
+    baseline['speedup'] = {
+        part: round(baseline[part][key] / measured[part][key], 3)
+        for part, key in (('train', 'step_ms'), ('decode', 'median_s'))
+        if part in measured
+    }
+    return baseline
+
+
 def main(argv):
     del argv
     config = cli.config()
@@ -234,14 +249,9 @@ def main(argv):
         'device': jax.devices()[0].device_kind,
         'measured': measure(config),
     }
-    if _COMPARE.value:
-        report['baseline'] = {'overrides': _COMPARE.value}
-        report['baseline'] |= measure(with_overrides(config, _COMPARE.value))
-        report['speedup'] = {
-            part: round(report['baseline'][part][key] / report['measured'][part][key], 3)
-            for part, key in (('train', 'step_ms'), ('decode', 'median_s'))
-            if part in report['measured']
-        }
+    report['baselines'] = [
+        _baseline(config, overrides, report['measured']) for overrides in _COMPARE.value
+    ]
     print(json.dumps(report, indent=1))  # noqa: T201 - the benchmark's report
 
 
