@@ -95,7 +95,7 @@ def fixture_corpus(tmp_path_factory):
     tokenizer, in a data_dir of its own."""
     from attn.data import datasets, debian, l10n_translate
     from configs import l10n
-    from tests import test_l10n_translate as fixtures
+    from tests import debian_packages as fixtures
 
     base = tmp_path_factory.mktemp('corpus')
     manual = base / 'manual'
