@@ -48,7 +48,8 @@ def test_translation_view_is_over_the_source(toy_run, tmp_path):
     summary = generation.write(view, data.tokenizer, str(tmp_path))
     assert summary['kind'] == 'cross_attention'
     assert {'generation.png', 'generation.gif', 'generation.json'} <= set(os.listdir(tmp_path))
-    assert Image.open(tmp_path / 'generation.gif').n_frames == len(view.produced)
+    with Image.open(tmp_path / 'generation.gif') as gif:
+        assert gif.n_frames == len(view.produced)
 
 
 def test_an_empty_prompt_is_refused(toy_run):

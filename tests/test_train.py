@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -79,7 +80,10 @@ def test_train_writes_the_workdir_and_resumes_exactly(toy_data, tmp_path):
     result = train.train_and_evaluate(toy.config(), whole, toy_data)
     assert set(os.listdir(whole)) >= {'config.json', 'checkpoints', 'tensorboard', 'metrics.jsonl'}
     assert os.listdir(os.path.join(whole, 'tensorboard'))
-    rows = [json.loads(line) for line in open(os.path.join(whole, 'metrics.jsonl'))]
+    rows = [
+        json.loads(line)
+        for line in (pathlib.Path(whole) / 'metrics.jsonl').read_text().splitlines()
+    ]
     assert [r['step'] for r in rows if 'split' not in r] == [2, 4, 6]
     assert [r['step'] for r in rows if r.get('split') == 'validation'] == [3, 6]
     assert np.isfinite(result['perplexity']) and result['perplexity'] > 1
@@ -107,7 +111,8 @@ def test_kill_9_and_restart_equals_an_uninterrupted_run(tmp_path):
     """SIGKILL once a checkpoint exists (mid-run, possibly mid-save), then rerun."""
     tokenizers = tmp_path / 'tokenizers'
     whole = _toy_run(tmp_path / 'whole', tokenizers)
-    assert whole.wait(timeout=300) == 0, whole.stderr.read()[-3000:]
+    _, err = whole.communicate(timeout=300)  # reads stderr as it comes: no full pipe
+    assert whole.returncode == 0, err[-3000:]
 
     killed = _toy_run(tmp_path / 'killed', tokenizers)
     checkpoints = tmp_path / 'killed' / 'checkpoints'
@@ -117,9 +122,10 @@ def test_kill_9_and_restart_equals_an_uninterrupted_run(tmp_path):
         time.sleep(0.05)
     time.sleep(float(np.random.default_rng().uniform(0, 2)))  # somewhere after it
     killed.kill()
-    killed.wait()
+    killed.communicate()
     again = _toy_run(tmp_path / 'killed', tokenizers)
-    assert again.wait(timeout=300) == 0, again.stderr.read()[-3000:]
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
 
     step_a, params_a = _params(str(tmp_path / 'whole'))
     step_b, params_b = _params(str(tmp_path / 'killed'))
@@ -130,7 +136,7 @@ def test_kill_9_and_restart_equals_an_uninterrupted_run(tmp_path):
 def test_periodic_bleu_on_a_sample(toy_data, tmp_path):
     config = toy.config(bleu_every_steps=3, bleu_examples=8)
     train.train_and_evaluate(config, str(tmp_path), toy_data)
-    rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+    rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
     bleu_rows = [r for r in rows if 'bleu' in r]
     assert [r['step'] for r in bleu_rows] == [3, 6]
     assert all(r['split'] == 'validation' and 0.0 <= r['bleu'] <= 100.0 for r in bleu_rows)
