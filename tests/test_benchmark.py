@@ -80,3 +80,29 @@ def test_speed_needs_no_data_stack():
     heavy = {'grain', 'tensorflow_datasets', 'tensorflow', 'array_record', 'tensorboardX'}
     assert loaded & heavy == set(), f'speed.py imports {loaded & heavy}'
     assert 'attn' in loaded and 'optax' in loaded
+
+
+def test_compile_only_reports_memory_and_the_chunked_loss_holds_less():
+    """--steps=0 compiles without running; a chunked loss holds less than [B, T, V]."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / 'experiments' / 'benchmark' / 'speed.py'),
+            '--config=configs/l10n.py:size=tiny',
+            '--what=train',
+            '--batch=4',
+            '--length=64',
+            '--vocab=8192',
+            '--steps=0',
+            '--compare=loss_chunk=8',
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    report = json.loads(result.stdout)
+    plain, chunked = report['measured']['train'], report['baselines'][0]['train']
+    assert 'step_ms' not in plain and report['baselines'][0]['speedup'] == {}
+    logits_gib = 4 * 64 * 8192 * 4 / 2**30  # one float32 [B, T, V] array
+    assert plain['peak_memory_gib'] - chunked['peak_memory_gib'] > logits_gib

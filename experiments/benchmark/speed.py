@@ -41,7 +41,9 @@ _WHAT = flags.DEFINE_list('what', ['train', 'decode'], 'What to measure: train, 
 _BATCH = flags.DEFINE_integer('batch', 96, 'Train: examples per step (all devices).')
 _LENGTH = flags.DEFINE_integer('length', 256, 'Train: tokens per example, each side.')
 _VOCAB = flags.DEFINE_integer('vocab', 32768, 'Vocabulary size (overrides the config).')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Train: timed steps.')
+_STEPS = flags.DEFINE_integer(
+    'steps', 20, 'Train: timed steps; 0 compiles only (memory, FLOPs, compile time).'
+)
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Train: untimed steps after compilation.')
 _PEAK = flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of one device (0: no MFU).')
 _BEAM = flags.DEFINE_integer('beam_size', 4, 'Decode: beam size; 1 = greedy.')
@@ -113,6 +115,20 @@ def measure_train(config) -> dict:
     compiled = step.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - start
 
+    flops = (
+        3
+        * _BATCH.value
+        * summary.forward_flops(cfg, config.model_kind, _LENGTH.value, _LENGTH.value)
+    )
+    result = {
+        'batch': [_BATCH.value, _LENGTH.value],
+        'compile_s': round(compile_s, 2),
+        'xla_flops_vs_formula': _xla_flops_ratio(compiled, flops),
+        'peak_memory_gib': _gib(peak_memory_bytes(compiled)),
+    }
+    if not _STEPS.value:  # compiled only: does it fit, and how much does it hold
+        return result
+
     last = {}
 
     def run():
@@ -128,23 +144,13 @@ def measure_train(config) -> dict:
             _times(run, 3)
 
     median = statistics.median(times)
-    tokens = _BATCH.value * _LENGTH.value
-    flops = (
-        3
-        * _BATCH.value
-        * summary.forward_flops(cfg, config.model_kind, _LENGTH.value, _LENGTH.value)
-    )
     tflops = flops / median / 1e12
-    result = {
-        'batch': [_BATCH.value, _LENGTH.value],
+    result |= {
         'step_ms': round(1e3 * median, 2),
         'step_ms_min': round(1e3 * min(times), 2),
         'step_ms_max': round(1e3 * max(times), 2),
-        'target_tokens_per_s': round(tokens / median, 1),
+        'target_tokens_per_s': round(_BATCH.value * _LENGTH.value / median, 1),
         'tflops_per_s': round(tflops, 3),
-        'compile_s': round(compile_s, 2),
-        'xla_flops_vs_formula': _xla_flops_ratio(compiled, flops),
-        'peak_memory_gib': _gib(peak_memory_bytes(compiled)),
         'loss': round(float(last['metrics']['loss']), 4),
     }
     if _PEAK.value:
@@ -235,7 +241,7 @@ def _baseline(config, overrides: str, measured: dict) -> dict:
     baseline['speedup'] = {
         part: round(baseline[part][key] / measured[part][key], 3)
         for part, key in (('train', 'step_ms'), ('decode', 'median_s'))
-        if part in measured
+        if key in measured.get(part, {})
     }
     return baseline
 
