@@ -62,18 +62,21 @@ def test_sweep_dry_run_lists_every_table3_row():
     assert all(state == 'new' and 'attn.train' in command for _, _, state, command in rows)
 
 
-def test_table3_report_lists_finished_and_missing_rows(tmp_path):
+def _finished_run(workdir, config_arg, perplexity, bleu):
+    """A workdir as a finished small-scale Table 3 run leaves it."""
     from configs import table3
 
-    config = table3.get_config('row=B1,dataset=l10n')
-    workdir = tmp_path / 'B1'
     (workdir / 'eval').mkdir(parents=True)
-    (workdir / 'config.json').write_text(config.to_json())
+    (workdir / 'config.json').write_text(table3.get_config(config_arg).to_json())
     (workdir / 'metrics.jsonl').write_text(
         '{"step": 25, "time": 1000.0, "loss": 5.0}\n{"step": 600, "time": 1600.0, "loss": 3.0}\n'
     )
-    report = {'perplexity': 21.5, 'paper_bleu': {'bleu': 12.3}, 'sacrebleu': {'bleu': 11.9}}
+    report = {'perplexity': perplexity, 'paper_bleu': {'bleu': bleu}, 'sacrebleu': {'bleu': 11.9}}
     (workdir / 'eval' / 'validation-600.json').write_text(json.dumps(report))
+
+
+def test_table3_report_lists_finished_and_missing_rows(tmp_path):
+    _finished_run(tmp_path / 'B1', 'row=B1,dataset=l10n', 21.5, 12.3)
     subprocess.run(
         ['python', str(ROOT / 'experiments' / 'table3' / 'report.py'), f'--root={tmp_path}'],
         cwd=ROOT,
@@ -87,6 +90,33 @@ def test_table3_report_lists_finished_and_missing_rows(tmp_path):
     assert 'Data `l10n_translate/en-de`' in lines[2] and 'pre-LN' in lines[2]
     assert sum('| missing |' in line for line in lines) == 19
     assert (tmp_path / 'table3.png').stat().st_size > 0
+    assert '## Seed noise' not in lines  # one seed of each row
+
+
+def test_table3_seeds_are_named_apart_and_reported_as_noise(tmp_path):
+    result = subprocess.run(
+        ['python', str(ROOT / 'launch' / 'sweep.py'), 'experiments/table3', '--dry_run']
+        + ['--arg=dataset=l10n,seed=2', '--only=base-seed2', f'--root={tmp_path}'],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    name, workdir, _, command = result.stdout.strip().split('\t')
+    assert name == 'base-seed2' and workdir == str(tmp_path / 'base-seed2')
+    assert 'row=base,dataset=l10n,seed=2' in command
+
+    _finished_run(tmp_path / 'base', 'row=base,dataset=l10n', 30.0, 14.0)
+    _finished_run(tmp_path / 'base-seed2', 'row=base,dataset=l10n,seed=2', 31.5, 13.2)
+    subprocess.run(
+        ['python', str(ROOT / 'experiments' / 'table3' / 'report.py'), f'--root={tmp_path}'],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    lines = (tmp_path / 'report.md').read_text().splitlines()
+    assert next(line for line in lines if line.startswith('| base |')).count('30.00') == 1
+    assert '| base | 0, 2 | 30.00, 31.50 | 14.0, 13.2 | 1.50 | 0.8 |' in lines
 
 
 @pytest.fixture(scope='module')

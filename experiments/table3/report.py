@@ -5,7 +5,7 @@
 Reads every row's workdir under --root (W/config.json, W/metrics.jsonl and the evaluation
 report W/eval/<split>-<step>.json that `launch/sweep.py` has `attn.evaluate` write), and
 writes report.md and table3.png to --out. Rows without a finished run are listed as
-missing, not left out.
+missing, not left out. Runs of other seeds (<row>-seedN) are listed under seed noise.
 """
 
 import json
@@ -85,7 +85,7 @@ def settings(results: dict[str, dict | None]) -> str:
     )
 
 
-def markdown(results: dict[str, dict | None], root: pathlib.Path) -> str:
+def markdown(results: dict[str, dict | None], root: pathlib.Path, seeds: dict | None = None) -> str:
     lines = [
         '# Table 3: ours beside the paper',
         '',
@@ -114,7 +114,49 @@ def markdown(results: dict[str, dict | None], root: pathlib.Path) -> str:
             f'{ours["bleu"]:.1f} | {ours["sacrebleu"]:.1f} | {_cell(my_dppl, "+.2f")} | '
             f'{_cell(my_dbleu, "+.1f")} | {paper} |'
         )
+    lines += seed_noise(seeds or {})
     return '\n'.join(lines) + '\n'
+
+
+def read_seeds(root: pathlib.Path) -> dict[str, list[tuple[int, dict]]]:
+    """Rows run with more than one seed: row -> [(seed, figures)], seed 0 being the row's
+    own workdir and seed N the workdir <row>-seedN (`launch/sweep.py ... --arg=seed=N`)."""
+    out = {}
+    for row in table3.ROWS:
+        runs = [(0, read_run(root / row))]
+        for workdir in root.glob(f'{row}-seed*'):
+            suffix = workdir.name[len(f'{row}-seed') :]
+            if suffix.isdigit():
+                runs.append((int(suffix), read_run(workdir)))
+        finished = sorted((seed, run) for seed, run in runs if run is not None)
+        if len(finished) > 1:
+            out[row] = finished
+    return out
+
+
+def seed_noise(seeds: dict[str, list[tuple[int, dict]]]) -> list[str]:
+    """The seed-noise section of the report: each seed's figures and their spread."""
+    if not seeds:
+        return []
+    lines = [
+        '',
+        '## Seed noise',
+        '',
+        'Rows trained with several seeds (initialization, dropout and data order). A change '
+        "from base smaller than base's spread here is within seed noise.",
+        '',
+        '| row | seeds | PPL | BLEU | PPL spread | BLEU spread |',
+        '|---|---|---|---|---|---|',
+    ]
+    for row, runs in seeds.items():
+        ppl = [run['perplexity'] for _, run in runs]
+        bleu = [run['bleu'] for _, run in runs]
+        lines.append(
+            f'| {row} | {", ".join(str(seed) for seed, _ in runs)} | '
+            f'{", ".join(f"{p:.2f}" for p in ppl)} | {", ".join(f"{b:.1f}" for b in bleu)} | '
+            f'{max(ppl) - min(ppl):.2f} | {max(bleu) - min(bleu):.1f} |'
+        )
+    return lines
 
 
 def plot(results: dict[str, dict | None], path: pathlib.Path) -> None:
@@ -142,7 +184,7 @@ def main(argv):
     out = pathlib.Path(_OUT.value or root)
     out.mkdir(parents=True, exist_ok=True)
     results = {row: read_run(root / row) for row in table3.ROWS}
-    (out / 'report.md').write_text(markdown(results, root))
+    (out / 'report.md').write_text(markdown(results, root, read_seeds(root)))
     plot(results, out / 'table3.png')
     done = sum(r is not None for r in results.values())
     print(f'{done} of {len(results)} rows finished; wrote {out}/report.md and table3.png')  # noqa: T201

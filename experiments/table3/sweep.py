@@ -16,7 +16,10 @@ def get_sweep(arg=None):
     """[(name, config argument for `--config`)], one per Table 3 row.
 
     `arg` is added to every row's config argument, e.g. --arg=dataset=l10n for the
-    small-scale sweep on the embedded corpus.
+    small-scale sweep on the embedded corpus; with seed=N (N > 0) the runs are named
+    <row>-seedN, beside the seed-0 runs, for the report's seed noise.
     """
     suffix = f',{arg}' if arg else ''
-    return [(row, f'configs/table3.py:row={row}{suffix}') for row in table3.ROWS]
+    seed = table3.get_config(arg).seed
+    name = '{}' if seed == 0 else f'{{}}-seed{seed}'  # other seeds of a row: seed noise
+    return [(name.format(row), f'configs/table3.py:row={row}{suffix}') for row in table3.ROWS]
