@@ -11,30 +11,33 @@ import pytest
 ROOT = pathlib.Path(__file__).parent.parent
 
 
-def test_speed_reports_train_and_decode_with_a_baseline_ratio(tmp_path):
+def _speed(*args: str) -> dict:
+    """The JSON report of experiments/benchmark/speed.py with `args`."""
     result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / 'experiments' / 'benchmark' / 'speed.py'),
-            '--config=configs/l10n.py:size=tiny',
-            '--batch=4',
-            '--length=16',
-            '--vocab=64',
-            '--steps=3',
-            '--warmup=1',
-            '--runs=1',
-            '--decode_batch=2',
-            '--peak_tflops=1',
-            '--compare=model.dtype=bfloat16,prng_impl=unsafe_rbg',
-            '--compare=loss_chunk=8,model.remat=dots',
-            f'--profile_dir={tmp_path}',
-        ],
+        [sys.executable, str(ROOT / 'experiments' / 'benchmark' / 'speed.py'), *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
         check=True,
     )
-    report = json.loads(result.stdout)
+    return json.loads(result.stdout)
+
+
+def test_speed_reports_train_and_decode_with_a_baseline_ratio(tmp_path):
+    report = _speed(
+        '--config=configs/l10n.py:size=tiny',
+        '--batch=4',
+        '--length=16',
+        '--vocab=64',
+        '--steps=3',
+        '--warmup=1',
+        '--runs=1',
+        '--decode_batch=2',
+        '--peak_tflops=1',
+        '--compare=model.dtype=bfloat16,prng_impl=unsafe_rbg',
+        '--compare=loss_chunk=8,model.remat=dots',
+        f'--profile_dir={tmp_path}',
+    )
     train, decode = report['measured']['train'], report['measured']['decode']
     assert train['batch'] == [4, 16] and report['model']['vocab_size'] == 64
     assert train['step_ms_min'] <= train['step_ms'] <= train['step_ms_max']
@@ -84,24 +87,15 @@ def test_speed_needs_no_data_stack():
 
 def test_compile_only_reports_memory_and_the_chunked_loss_holds_less():
     """--steps=0 compiles without running; a chunked loss holds less than [B, T, V]."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / 'experiments' / 'benchmark' / 'speed.py'),
-            '--config=configs/l10n.py:size=tiny',
-            '--what=train',
-            '--batch=4',
-            '--length=64',
-            '--vocab=8192',
-            '--steps=0',
-            '--compare=loss_chunk=8',
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=True,
+    report = _speed(
+        '--config=configs/l10n.py:size=tiny',
+        '--what=train',
+        '--batch=4',
+        '--length=64',
+        '--vocab=8192',
+        '--steps=0',
+        '--compare=loss_chunk=8',
     )
-    report = json.loads(result.stdout)
     plain, chunked = report['measured']['train'], report['baselines'][0]['train']
     assert 'step_ms' not in plain and report['baselines'][0]['speedup'] == {}
     logits_gib = 4 * 64 * 8192 * 4 / 2**30  # one float32 [B, T, V] array

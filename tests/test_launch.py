@@ -75,15 +75,20 @@ def _finished_run(workdir, config_arg, perplexity, bleu):
     (workdir / 'eval' / 'validation-600.json').write_text(json.dumps(report))
 
 
-def test_table3_report_lists_finished_and_missing_rows(tmp_path):
-    _finished_run(tmp_path / 'B1', 'row=B1,dataset=l10n', 21.5, 12.3)
+def _report(root) -> list[str]:
+    """The lines of report.md that experiments/table3/report.py writes for `root`."""
     subprocess.run(
-        ['python', str(ROOT / 'experiments' / 'table3' / 'report.py'), f'--root={tmp_path}'],
+        ['python', str(ROOT / 'experiments' / 'table3' / 'report.py'), f'--root={root}'],
         cwd=ROOT,
         check=True,
         capture_output=True,
     )
-    lines = (tmp_path / 'report.md').read_text().splitlines()
+    return (root / 'report.md').read_text().splitlines()
+
+
+def test_table3_report_lists_finished_and_missing_rows(tmp_path):
+    _finished_run(tmp_path / 'B1', 'row=B1,dataset=l10n', 21.5, 12.3)
+    lines = _report(tmp_path)
     b1 = next(line for line in lines if line.startswith('| B1 |'))
     # No base run, so no change from base for ours; the paper's B1 is +0.24 PPL, -0.7 BLEU.
     assert '| 600 | 10.0 | 21.50 | 12.3 | 11.9 | — | — | 58 | 5.16 | 25.1 | +0.24 | -0.7 |' in b1
@@ -108,13 +113,7 @@ def test_table3_seeds_are_named_apart_and_reported_as_noise(tmp_path):
 
     _finished_run(tmp_path / 'base', 'row=base,dataset=l10n', 30.0, 14.0)
     _finished_run(tmp_path / 'base-seed2', 'row=base,dataset=l10n,seed=2', 31.5, 13.2)
-    subprocess.run(
-        ['python', str(ROOT / 'experiments' / 'table3' / 'report.py'), f'--root={tmp_path}'],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
-    lines = (tmp_path / 'report.md').read_text().splitlines()
+    lines = _report(tmp_path)
     assert next(line for line in lines if line.startswith('| base |')).count('30.00') == 1
     assert '| base | 0, 2 | 30.00, 31.50 | 14.0, 13.2 | 1.50 | 0.8 |' in lines
 

@@ -97,29 +97,20 @@ def test_first_update_is_adam_on_the_token_mean_gradient():
     assert float(metrics['loss']) == pytest.approx(float(mean_loss(state.params)), rel=1e-5)
 
 
+def _update(state, batch, graphdef, rest, tx, **settings):
+    """One train_step of the tiny model, dropout key 0, with StepConfig `settings`."""
+    cfg = step.StepConfig('transformer', 0.1, **settings)
+    return step.train_step(
+        state, batch, jax.random.PRNGKey(0), graphdef=graphdef, rest=rest, tx=tx, cfg=cfg
+    )
+
+
 def test_gradient_accumulation_equals_larger_batch():
     cfg, tx, graphdef, rest, state = _tiny_state()
     batch = _batch(8, seed=3)
     batch['targets'][0, 2:] = 0  # unequal token counts across microbatches
-    rng = jax.random.PRNGKey(0)
-    one, m1 = step.train_step(
-        state,
-        batch,
-        rng,
-        graphdef=graphdef,
-        rest=rest,
-        tx=tx,
-        cfg=step.StepConfig('transformer', 0.1, grad_accum_steps=1),
-    )
-    four, m4 = step.train_step(
-        state,
-        batch,
-        rng,
-        graphdef=graphdef,
-        rest=rest,
-        tx=tx,
-        cfg=step.StepConfig('transformer', 0.1, grad_accum_steps=4),
-    )
+    one, m1 = _update(state, batch, graphdef, rest, tx, grad_accum_steps=1)
+    four, m4 = _update(state, batch, graphdef, rest, tx, grad_accum_steps=4)
     assert float(m1['loss']) == pytest.approx(float(m4['loss']), rel=1e-6)
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
@@ -158,18 +149,7 @@ def test_chunked_loss_in_the_train_step():
     for tied in (True, False):
         cfg, tx, graphdef, rest, state = _tiny_state(share_embeddings=tied, tie_output=tied)
         batch = _batch(4, seed=2)
-        results = [
-            step.train_step(
-                state,
-                batch,
-                jax.random.PRNGKey(0),
-                graphdef=graphdef,
-                rest=rest,
-                tx=tx,
-                cfg=step.StepConfig('transformer', 0.1, loss_chunk=chunk),
-            )
-            for chunk in (0, 4)
-        ]
+        results = [_update(state, batch, graphdef, rest, tx, loss_chunk=c) for c in (0, 4)]
         (whole, m0), (chunked, m4) = results
         assert float(m0['loss']) == pytest.approx(float(m4['loss']), rel=1e-6)
         for a, b in zip(
