@@ -12,7 +12,10 @@
 # $OUT/profile-base.txt and $OUT/results.tgz (each measurement's JSON and stderr).
 #
 # Needs jax, flax, optax and ml_collections (the benchmark imports no data stack). On a
-# machine without ml_collections, carry its wheel (`.whl`) and run from the repo root:
+# machine without ml_collections (or with a flax older than pyproject's), fetch wheels here
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux2014_x86_64 -d .whl ml_collections==1.1.0 flax==0.12.12
+# (tested beside jax 0.11.2 and 0.12.0), carry `.whl`, and run from the repo root:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
 #   PYTHONPATH=/tmp/site OUT=$OUT bash experiments/benchmark/gpu.sh
 # A dry run on a CPU (no cuDNN there): OUT=/tmp/b FAST=--config.model.dtype=bfloat16 \
@@ -42,8 +45,10 @@ speed() { # speed NAME ARGS...: one process of speed.py; its lines go to the sum
     echo "$name skipped: budget spent" >>"$summary"
     return
   fi
-  if timeout "$left" "$python" experiments/benchmark/speed.py --peak_tflops="$peak" "$@" \
-    "${extra[@]}" >"$work/$name.json" 2>"$work/$name.err"; then
+  timeout "$left" "$python" experiments/benchmark/speed.py --peak_tflops="$peak" "$@" \
+    "${extra[@]}" >"$work/$name.json" 2>"$work/$name.err"
+  local rc=$?
+  if ((rc == 0)); then
     "$python" - "$work/$name.json" "$name" >>"$summary" <<'EOF'
 import json, sys
 report = json.load(open(sys.argv[1]))
@@ -60,8 +65,10 @@ line(sys.argv[2], report['measured'])
 for b in report['baselines']:
     line(f"  vs {b['overrides']}", {k: b[k] for k in ('train', 'decode') if k in b}, b['speedup'])
 EOF
+  elif ((rc == 124)); then
+    echo "$name stopped at the budget (${left}s were left)" >>"$summary"
   else
-    echo "$name failed or timed out (left ${left}s): $(tail -n 3 "$work/$name.err" | tr '\n' ' ')" >>"$summary"
+    echo "$name failed (exit $rc): $(grep -v '^[IW][0-9]' "$work/$name.err" | tail -n 3 | tr '\n' ' ')" >>"$summary"
   fi
 }
 
