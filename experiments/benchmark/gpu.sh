@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the fast path in one call, most important first, at the peers'
 # setting (96 x 256 tokens per side, vocabulary 32768; ANCHORS.md):
-#   1. base and big with every switch on (bfloat16, cuDNN attention, unsafe_rbg dropout),
-#      each against variants with one switch off, and the float32 reference, measured in
-#      the same process (`baselines` in the JSON: speedup > 1 = the switches help);
+#   1. base with every switch on (bfloat16, cuDNN attention, unsafe_rbg dropout) against
+#      one switch off at a time and the float32 reference, in the same process
+#      (`baselines` in the JSON; speedup > 1 = the switches help); big against its reference;
 #   2. base beam-4 decoding in bfloat16 against float32;
 #   3. a ranked profile of base with the switches on (profile-base.txt);
-#   4. memory switches (loss_chunk, remat) and an XLA flag, if time is left.
+#   4. big's switches one at a time, the memory switches (loss_chunk, remat), an XLA flag.
 # A measurement is started only while BUDGET seconds (default 480) have not passed, and
 # is stopped at the budget. Results: $OUT/summary.txt (one line per measurement),
 # $OUT/profile-base.txt and $OUT/results.tgz (each measurement's JSON and stderr).
@@ -74,22 +74,23 @@ EOF
 
 read -r -a fast <<<"${FAST:---config.model.dtype=bfloat16 --config.model.attention=cudnn \
 --config.prng_impl=unsafe_rbg}"
-for row in base big; do
-  speed "$row-fast" "--config=configs/table3.py:row=$row" --what=train "${fast[@]}" \
-    --compare=prng_impl=threefry2x32 \
-    --compare=model.attention=fused \
-    --compare=model.dtype=float32,model.attention=reference,prng_impl=threefry2x32
-done
-speed decode-base "--config=configs/table3.py:row=base" --what=decode \
-  --config.model.dtype=bfloat16 --compare=model.dtype=float32
-speed profile-base "--config=configs/table3.py:row=base" --what=train --steps=5 "${fast[@]}" \
+reference=model.dtype=float32,model.attention=reference,prng_impl=threefry2x32
+table3="--config=configs/table3.py:row"
+speed base-fast "$table3=base" --what=train "${fast[@]}" --compare=prng_impl=threefry2x32 \
+  --compare=model.attention=fused --compare="$reference"
+speed big-fast "$table3=big" --what=train "${fast[@]}" --compare="$reference"
+speed decode-base "$table3=base" --what=decode --config.model.dtype=bfloat16 \
+  --compare=model.dtype=float32
+speed profile-base "$table3=base" --what=train --steps=5 "${fast[@]}" \
   --profile_dir="$work/profile-base"
 "$python" experiments/benchmark/trace_summary.py "$work/profile-base" --top=25 \
   >"$out/profile-base.txt" 2>&1 || echo "no trace summary" >>"$summary"
-speed base-memory "--config=configs/table3.py:row=base" --what=train "${fast[@]}" \
+speed big-fast-switches "$table3=big" --what=train "${fast[@]}" \
+  --compare=prng_impl=threefry2x32 --compare=model.attention=fused
+speed base-memory "$table3=base" --what=train "${fast[@]}" \
   --compare=loss_chunk=64 --compare=model.remat=dots --compare=model.remat=full
 XLA_FLAGS="--xla_gpu_enable_triton_gemm=false ${XLA_FLAGS:-}" \
-  speed base-fast-no-triton-gemm "--config=configs/table3.py:row=base" --what=train "${fast[@]}"
+  speed base-fast-no-triton-gemm "$table3=base" --what=train "${fast[@]}"
 
 tar czf "$out/results.tgz" -C "$work" --exclude=profile-base . && rm -rf "$work"
 cat "$summary"
