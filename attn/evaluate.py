@@ -28,7 +28,11 @@ from attn.data import datasets
 def perplexity(run: restore.Run, data: datasets.Data, split: str) -> dict[str, float]:
     """Teacher-forced loss and perplexity over every example of `split`."""
     graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
-    cfg = step_lib.StepConfig(run.config.model_kind, run.config.label_smoothing)
+    config = run.config
+    # Runs saved before loss_chunk existed have no such field.
+    cfg = step_lib.StepConfig(
+        config.model_kind, config.label_smoothing, loss_chunk=config.get('loss_chunk', 0)
+    )
     eval_step = jax.jit(
         functools.partial(step_lib.eval_step, graphdef=graphdef, rest=rest, cfg=cfg)
     )

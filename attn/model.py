@@ -169,10 +169,10 @@ def _segments_and_positions(tokens, segments, positions):
     return segments, positions
 
 
-def project(hidden: jax.Array, matrix: jax.Array) -> jax.Array:
+def logits_from(hidden: jax.Array, matrix: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """Pre-softmax projection: hidden [B, T, D] x matrix [V, D] -> logits [B, T, V],
-    in the matrix's dtype."""
-    return jnp.einsum('BTD,VD->BTV', hidden.astype(matrix.dtype), matrix)
+    computed in `dtype`."""
+    return jnp.einsum('BTD,VD->BTV', hidden.astype(dtype), matrix.astype(dtype))
 
 
 class _Embedder(nnx.Module):
@@ -423,16 +423,15 @@ class Decoder(nnx.Module):
         return self.logits(y) if project else y
 
     def output_matrix(self) -> jax.Array:
-        """[V, D] pre-softmax projection in the compute dtype: the target embedding
+        """[V, D] pre-softmax projection (float32 parameters): the target embedding
         (tied, §3.4) or the decoder's own matrix."""
-        embed = self.embedder.embed
         if self.logits_dense is None:
-            return embed.embedding[...].astype(embed.dtype)
-        return self.logits_dense.kernel[...].T.astype(embed.dtype)
+            return self.embedder.embed.embedding[...]
+        return self.logits_dense.kernel[...].T
 
     def logits(self, y: jax.Array) -> jax.Array:
-        """Hidden states [B, T, D] -> next-token logits [B, T, V]."""
-        return project(y, self.output_matrix())
+        """Hidden states [B, T, D] -> next-token logits [B, T, V] in the compute dtype."""
+        return logits_from(y, self.output_matrix(), self.embedder.embed.dtype)
 
 
 # ----------------------------------------------------------------------------- models

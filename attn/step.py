@@ -19,7 +19,7 @@ import optax
 from flax import nnx, struct
 
 from attn import sharding
-from attn.model import PAD_ID, ConfigError, build_model, project
+from attn.model import PAD_ID, ConfigError, build_model, logits_from
 
 # ------------------------------------------------------------------------------- loss
 
@@ -63,19 +63,21 @@ def chunked_cross_entropy(
     label_smoothing: float,
     chunk: int,
 ) -> dict[str, jax.Array]:
-    """`cross_entropy` of the logits `project(hidden, matrix)`, `chunk` target positions
-    at a time: each chunk's [B, chunk, V] logits are made in the forward pass and made
-    again in the backward pass, so the [B, T, V] logits are never held whole.
+    """`cross_entropy` of the logits `logits_from(hidden, matrix)`, `chunk` target
+    positions at a time: each chunk's [B, chunk, V] logits are made in the forward pass
+    and made again in the backward pass, so the [B, T, V] logits are never held whole.
 
     Args:
-      hidden: [B, T, D] final decoder states.
-      matrix: [V, D] pre-softmax projection.
+      hidden: [B, T, D] final decoder states; the logits are computed in their dtype.
+      matrix: [V, D] pre-softmax projection (its gradient is summed over chunks in its
+        own dtype: pass the float32 parameters).
       targets, weights, label_smoothing: as in `cross_entropy`.
       chunk: positions per chunk; T is padded (with weight 0) to a multiple of it.
     Returns:
       the sums of `cross_entropy`.
     """
     batch, length = targets.shape
+    chunk = min(chunk, length)
     pad = -length % chunk
     count = (length + pad) // chunk
 
@@ -85,7 +87,8 @@ def chunked_cross_entropy(
 
     @jax.checkpoint
     def one(matrix, hidden, targets, weights):
-        return cross_entropy(project(hidden, matrix), targets, weights, label_smoothing)
+        logits = logits_from(hidden, matrix, hidden.dtype)
+        return cross_entropy(logits, targets, weights, label_smoothing)
 
     def add(sums, xs):
         return jax.tree.map(jnp.add, sums, one(matrix, *xs)), None

@@ -191,6 +191,7 @@ def test_hidden_states_project_to_the_logits(tied):
     hidden = np.asarray(model(x, y, project=False), np.float64)
     assert hidden.shape == (1, 6, TINY.emb_dim)
     decoder = model.decoder
+    assert decoder.output_matrix().dtype == jnp.float32  # the parameters themselves
     if tied:
         matrix = np.asarray(decoder.embedder.embed.embedding[...], np.float64)
     else:

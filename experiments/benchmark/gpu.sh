@@ -2,13 +2,16 @@
 # Every GPU measurement of the fast path in one call, most important first, at the peers'
 # setting (96 x 256 tokens per side, vocabulary 32768; ANCHORS.md):
 #   1. base with every switch on (bfloat16, cuDNN attention, unsafe_rbg dropout) against
-#      one switch off at a time and the float32 reference, in the same process
+#      one switch off at a time (float32 turns cuDNN off too) and the float32 reference,
+#      in the same process
 #      (`baselines` in the JSON; speedup > 1 = the switches help); big against its reference;
 #   2. base beam-4 decoding in bfloat16 against float32;
 #   3. a ranked profile of base with the switches on (profile-base.txt);
 #   4. big's switches one at a time, the memory switches (loss_chunk, remat), an XLA flag.
 # A measurement is started only while BUDGET seconds (default 480) have not passed, and
-# is stopped at the budget. Results: $OUT/summary.txt (one line per measurement),
+# is stopped at the budget (the trace summary and the archive come after it). Memory
+# figures: XLA's estimate of each step, and the device allocator's peak so far in the
+# process (only a process's first measurement owns its peak). Results: $OUT/summary.txt (one line per measurement),
 # $OUT/profile-base.txt and $OUT/results.tgz (each measurement's JSON and stderr).
 #
 # Needs jax, flax, optax and ml_collections (the benchmark imports no data stack). On a
@@ -45,7 +48,7 @@ speed() { # speed NAME ARGS...: one process of speed.py; its lines go to the sum
     echo "$name skipped: budget spent" >>"$summary"
     return
   fi
-  timeout "$left" "$python" experiments/benchmark/speed.py --peak_tflops="$peak" "$@" \
+  timeout -k 15 "$left" "$python" experiments/benchmark/speed.py --peak_tflops="$peak" "$@" \
     "${extra[@]}" >"$work/$name.json" 2>"$work/$name.err"
   local rc=$?
   if ((rc == 0)); then
@@ -56,14 +59,19 @@ def line(label, parts, speedup=None):
     for part, m in parts.items():
         if part == 'train':
             text = (f"{m['step_ms']} ms/step, {m['tflops_per_s']} TFLOP/s, MFU {m.get('mfu')}, "
-                    f"{m['peak_memory_gib']} GiB, compile {m['compile_s']} s")
+                    f"XLA {m['xla_memory_gib']} GiB, peak {m['device_peak_gib']} GiB, "
+                    f"compile {m['compile_s']} s")
         else:
             text = f"{m['target_tokens_per_s']} target tok/s, {m['sentences_per_s']} sent/s"
         ratio = f'  (measured config {speedup[part]}x as fast)' if speedup else ''
         print(f'{label:60s} {part:6s} {text}{ratio}')
 line(sys.argv[2], report['measured'])
 for b in report['baselines']:
-    line(f"  vs {b['overrides']}", {k: b[k] for k in ('train', 'decode') if k in b}, b['speedup'])
+    if 'error' in b:
+        print(f"  vs {b['overrides']}: failed: {b['error'][:200]}")
+    else:
+        line(f"  vs {b['overrides']}", {k: b[k] for k in ('train', 'decode') if k in b},
+             b['speedup'])
 EOF
   elif ((rc == 124)); then
     echo "$name stopped at the budget (${left}s were left)" >>"$summary"
@@ -77,7 +85,8 @@ read -r -a fast <<<"${FAST:---config.model.dtype=bfloat16 --config.model.attenti
 reference=model.dtype=float32,model.attention=reference,prng_impl=threefry2x32
 table3="--config=configs/table3.py:row"
 speed base-fast "$table3=base" --what=train "${fast[@]}" --compare=prng_impl=threefry2x32 \
-  --compare=model.attention=fused --compare="$reference"
+  --compare=model.attention=fused --compare=model.dtype=float32,model.attention=fused \
+  --compare="$reference"
 speed big-fast "$table3=big" --what=train "${fast[@]}" --compare="$reference"
 speed decode-base "$table3=base" --what=decode --config.model.dtype=bfloat16 \
   --compare=model.dtype=float32

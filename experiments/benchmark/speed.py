@@ -10,9 +10,10 @@ Train: batches of --batch x --length tokens per side (default 96 x 256, vocabula
 as ANCHORS.md's peer figures), every token real, dropout and label smoothing as the
 config. After --warmup steps, each of --steps steps is timed to completion; the median
 is reported with target tokens/s, TFLOP/s by `attn.summary.forward_flops` x 3 (dense
-attention, logits included), MFU against --peak_tflops per device, the compile time and
-peak memory. Decode: beam search (--beam_size, 1 = greedy) on --decode_batch sentences of
-30 source tokens forced to exactly 40 target tokens; target tokens/s, median of --runs.
+attention, logits included), MFU against --peak_tflops per device, the compile time, XLA's
+memory estimate of the step and, on an accelerator, the allocator's peak so far; --steps=0
+compiles only. Decode: beam search (--beam_size, 1 = greedy) on --decode_batch sentences
+of 30 source tokens forced to exactly 40 target tokens; target tokens/s, median of --runs.
 
 --compare=field=value,... (repeatable) measures other variants of the config in the same
 process, each under `baselines` with `speedup` = its time / the measured config's time
@@ -87,11 +88,9 @@ def synthetic_batch(kind: str, rows: int, length: int, vocab: int) -> dict[str, 
     }
 
 
-def peak_memory_bytes(compiled) -> int | None:
-    """Peak device memory where the backend reports it, else XLA's estimate of the step."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if 'peak_bytes_in_use' in stats:
-        return int(stats['peak_bytes_in_use'])
+def xla_memory_bytes(compiled) -> int | None:
+    """XLA's estimate of the compiled step's memory (arguments, outputs and temporaries),
+    known before it runs."""
     analysis = compiled.memory_analysis()
     if analysis is None:
         return None
@@ -101,6 +100,13 @@ def peak_memory_bytes(compiled) -> int | None:
         + analysis.temp_size_in_bytes
         - analysis.alias_size_in_bytes
     )
+
+
+def device_peak_bytes() -> int | None:
+    """The allocator's peak on the first device since the process started (GPU/TPU; None
+    on CPU). It never goes down, so only the first measurement of a process is its own."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get('peak_bytes_in_use')
 
 
 def measure_train(config) -> dict:
@@ -124,7 +130,7 @@ def measure_train(config) -> dict:
         'batch': [_BATCH.value, _LENGTH.value],
         'compile_s': round(compile_s, 2),
         'xla_flops_vs_formula': _xla_flops_ratio(compiled, flops),
-        'peak_memory_gib': _gib(peak_memory_bytes(compiled)),
+        'xla_memory_gib': _gib(xla_memory_bytes(compiled)),
     }
     if not _STEPS.value:  # compiled only: does it fit, and how much does it hold
         return result
@@ -152,6 +158,7 @@ def measure_train(config) -> dict:
         'target_tokens_per_s': round(_BATCH.value * _LENGTH.value / median, 1),
         'tflops_per_s': round(tflops, 3),
         'loss': round(float(last['metrics']['loss']), 4),
+        'device_peak_gib': _gib(device_peak_bytes()),
     }
     if _PEAK.value:
         result['mfu'] = round(tflops / (_PEAK.value * jax.device_count()), 4)
@@ -236,8 +243,12 @@ def measure(config) -> dict:
 
 
 def _baseline(config, overrides: str, measured: dict) -> dict:
-    """A variant's measurements and `speedup` = its time / the measured config's time."""
-    baseline = {'overrides': overrides} | measure(with_overrides(config, overrides))
+    """A variant's measurements and `speedup` = its time / the measured config's time; a
+    variant that fails (out of memory, say) is reported as such, not fatal."""
+    try:
+        baseline = {'overrides': overrides} | measure(with_overrides(config, overrides))
+    except Exception as error:  # noqa: BLE001 - the other measurements are kept
+        return {'overrides': overrides, 'error': f'{type(error).__name__}: {error}'[:500]}
     baseline['speedup'] = {
         part: round(baseline[part][key] / measured[part][key], 3)
         for part, key in (('train', 'step_ms'), ('decode', 'median_s'))

@@ -43,6 +43,7 @@ def read_run(workdir: pathlib.Path) -> dict | None:
     return {
         'dataset': f'{config.data.name}/{config.data.config}',
         'model': config.model.to_dict(),
+        'seed': config.get('seed', 0),
         'params': summarize(config)['params'],
         'steps': steps,
         'wall_minutes': None if wall is None else wall / 60,
@@ -119,18 +120,19 @@ def markdown(results: dict[str, dict | None], root: pathlib.Path, seeds: dict | 
 
 
 def read_seeds(root: pathlib.Path) -> dict[str, list[tuple[int, dict]]]:
-    """Rows run with more than one seed: row -> [(seed, figures)], seed 0 being the row's
-    own workdir and seed N the workdir <row>-seedN (`launch/sweep.py ... --arg=seed=N`)."""
+    """Rows run with more than one seed: row -> [(seed, figures)] from the row's workdir
+    and its <row>-seedN workdirs (`launch/sweep.py ... --arg=seed=N`), keeping the runs
+    with the same data and model as the first."""
     out = {}
     for row in table3.ROWS:
-        runs = [(0, read_run(root / row))]
-        for workdir in root.glob(f'{row}-seed*'):
-            suffix = workdir.name[len(f'{row}-seed') :]
-            if suffix.isdigit():
-                runs.append((int(suffix), read_run(workdir)))
-        finished = sorted((seed, run) for seed, run in runs if run is not None)
-        if len(finished) > 1:
-            out[row] = finished
+        workdirs = [root / row, *sorted(root.glob(f'{row}-seed*'))]
+        runs = [run for run in map(read_run, workdirs) if run is not None]
+        same = [
+            r for r in runs if (r['dataset'], r['model']) == (runs[0]['dataset'], runs[0]['model'])
+        ]
+        by_seed = {run['seed']: run for run in same}
+        if len(by_seed) > 1:
+            out[row] = sorted(by_seed.items())
     return out
 
 
