@@ -20,6 +20,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_dict  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from attn.model import ModelConfig  # noqa: E402
 from attn.summary import summarize  # noqa: E402
 from configs import table3  # noqa: E402
 
@@ -127,9 +128,9 @@ def read_seeds(root: pathlib.Path) -> dict[str, list[tuple[int, dict]]]:
     for row in table3.ROWS:
         workdirs = [root / row, *sorted(root.glob(f'{row}-seed*'))]
         runs = [run for run in map(read_run, workdirs) if run is not None]
-        same = [
-            r for r in runs if (r['dataset'], r['model']) == (runs[0]['dataset'], runs[0]['model'])
-        ]
+        # Compared as ModelConfig: a config saved before a field existed has its default.
+        kind = [(run['dataset'], ModelConfig.from_mapping(run['model'])) for run in runs]
+        same = [run for run, k in zip(runs, kind, strict=True) if k == kind[0]]
         by_seed = {run['seed']: run for run in same}
         if len(by_seed) > 1:
             out[row] = sorted(by_seed.items())
