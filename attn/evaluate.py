@@ -37,7 +37,7 @@ def perplexity(run: restore.Run, data: datasets.Data, split: str) -> dict[str, f
         functools.partial(step_lib.eval_step, graphdef=graphdef, rest=rest, cfg=cfg)
     )
     mesh = sharding.make_mesh()
-    return step_lib.evaluate_loss(eval_step, params, data.eval_batches(run.config, split), mesh)
+    return step_lib.evaluate_loss(eval_step, params, data.eval_batches(config, split), mesh)
 
 
 def translate_split(

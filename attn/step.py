@@ -200,16 +200,12 @@ def _loss_sums(params, rest, graphdef, batch, rng, cfg: StepConfig, deterministi
     model = nnx.merge(graphdef, params, rest)
     rngs = None if deterministic else nnx.Rngs(dropout=rng)
     targets, weights = batch['targets'], target_weights(batch)
-    if cfg.loss_chunk:
-        hidden = forward(
-            model, batch, cfg.kind, deterministic=deterministic, rngs=rngs, project=False
-        )
+    chunk = cfg.loss_chunk
+    out = forward(model, batch, cfg.kind, deterministic=deterministic, rngs=rngs, project=not chunk)
+    if chunk:  # `out` holds the hidden states; the loss projects them chunk by chunk
         matrix = model.decoder.output_matrix()
-        return chunked_cross_entropy(
-            hidden, matrix, targets, weights, cfg.label_smoothing, cfg.loss_chunk
-        )
-    logits = forward(model, batch, cfg.kind, deterministic=deterministic, rngs=rngs)
-    return cross_entropy(logits, targets, weights, cfg.label_smoothing)
+        return chunked_cross_entropy(out, matrix, targets, weights, cfg.label_smoothing, chunk)
+    return cross_entropy(out, targets, weights, cfg.label_smoothing)
 
 
 def _microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
