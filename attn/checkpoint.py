@@ -1,7 +1,7 @@
 """Orbax checkpoints in `workdir/checkpoints/`: the train state, the data iterator's
 position and the config, saved together so a resumed run continues exactly.
 
-Items of each step: `state` (step, params, optimizer state; StandardSave), `data`
+Items of each step: `state` (step, params, optimizer state; a PyTree), `data`
 (each host's Grain iterator state) and `config` (JSON). Saves are asynchronous.
 Restores go onto whatever devices the restoring process has, so a checkpoint written
 on 8 GPUs opens on a laptop CPU for analysis.
@@ -85,13 +85,24 @@ def check_compatible(saved: Any, expected: Any) -> None:
 class Checkpointer:
     """Saves and restores (state, data iterator, config) by step."""
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        keep: int | None,
+        async_save: bool = True,
+        create: bool = True,
+    ):
+        """`create=False` opens existing checkpoints for reading and creates nothing."""
         self.directory = epath.Path(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+            max_to_keep=keep,
+            create=create,
+            enable_async_checkpointing=async_save,
+            read_only=not create,
         )
         handlers = {
-            'state': ocp.StandardCheckpointHandler(),
+            'state': ocp.PyTreeCheckpointHandler(),
             'data': grain.checkpoint.CheckpointHandler(),
             'config': ocp.JsonCheckpointHandler(),
         }
@@ -106,7 +117,7 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_iterator=None, config: dict | None = None) -> None:
-        items = {'state': ocp.args.StandardSave(state)}
+        items = {'state': ocp.args.PyTreeSave(state)}
         if data_iterator is not None:
             items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
@@ -127,24 +138,27 @@ class Checkpointer:
                 'step directory to fall back to an earlier one, or start a new --workdir.'
             ) from error
         check_compatible(saved, target_state)
-        items = {'state': ocp.args.StandardRestore(_abstract(target_state))}
+        items = {'state': _pytree_restore(_abstract(target_state))}
         if data_iterator is not None:
             items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         logging.info('Restored checkpoint of step %d from %s', step, self.directory)
         return restored['state']
 
-    def restore_arrays(self, step: int | None = None) -> Any:
-        """The saved state as written (nested dicts of arrays), on this process's first
-        device, whatever topology wrote it: for analysis and averaging."""
-        step = self.latest_step() if step is None else step
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-            self.manager.item_metadata(step)['state'],
+    def restore_params(self, step: int, shardings) -> Any:
+        """The saved parameters of `step` (nested dicts of arrays), and nothing else: the
+        optimizer state is never read. `shardings(abstract_params)` places them (a tree of
+        shardings for the tree of jax.ShapeDtypeStruct it is given), so they land on this
+        process's mesh however many devices and hosts wrote them."""
+        metadata = self.manager.item_metadata(step)['state']
+        params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata['params'])
+        placed = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            params,
+            shardings(params),
         )
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        return self.manager.restore(step, args=args)['state']
+        args = ocp.args.Composite(state=_pytree_restore({'params': placed}, partial=True))
+        return self.manager.restore(step, args=args)['state']['params']
 
     def restore_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
@@ -162,6 +176,8 @@ class Checkpointer:
         self.manager.close()
 
 
-def average(trees: list[Any]) -> Any:
-    """Element-wise mean of parameter trees (the paper averages the last 5 or 20, §6.1)."""
-    return jax.tree.map(lambda *leaves: sum(leaves) / len(leaves), *trees)
+def _pytree_restore(target: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+    """Restores the leaves of `target` (ShapeDtypeStructs with shardings) as jax.Arrays
+    placed so; `partial`: only those leaves, the rest of the checkpoint is not read."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    return ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=partial)

@@ -17,6 +17,7 @@ COMMANDS = {
     'evaluate': 'BLEU and perplexity of a checkpoint on a whole split',
     'translate': 'translate stdin line by line (or continue prompts with a language model)',
     'analyze': 'attention maps, head statistics, head importance and pruning of a checkpoint',
+    'average': "the mean of a run's last K checkpoints, written as a checkpoint",
     'summary': 'parameters per module and FLOPs per token of a config',
 }
 

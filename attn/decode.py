@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from attn import distributed, sharding
 from attn.model import BOS_ID, EOS_ID, PAD_ID, LanguageModel, Transformer
 
 # Beam and sampling scores never pass through a softmax, so -inf is exact and safe here:
@@ -525,6 +527,7 @@ def translate(
     beam_size: int = 4,
     alpha: float = 0.6,
     max_extra_length: int = 50,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
     """Best translation per sentence: greedy for beam_size 1, else beam search.
 
@@ -532,19 +535,32 @@ def translate(
     compiles a handful of programs rather than one per batch shape. Padding changes no
     result: sources are masked and each sentence's length limit counts its own tokens.
 
+    With a `mesh` the search is data-parallel: this host's rows (padded to a multiple of
+    its devices) join every other host's into one batch split over the mesh, and this
+    host gets its own rows back. Every process must call it with as many rows (after
+    padding) as the others; the width is agreed between them.
+
     Args:
-      inputs: [B, S] source ids ending in EOS, right-padded.
+      inputs: [B, S] source ids ending in EOS, right-padded (this host's rows).
     Returns:
       [B, L] ids without BOS, up to and including EOS, then PAD.
     """
     inputs = np.asarray(inputs)
     rows, width = inputs.shape
-    padded = np.full((_bucket(rows, 1), _bucket(width)), PAD_ID, inputs.dtype)
+    shape = [_bucket(rows, 1), _bucket(width)]
+    if mesh is not None:
+        devices = sharding.local_device_count(mesh)
+        shape[0] = -(-shape[0] // devices) * devices
+        shape = distributed.agreed_max(shape).tolist()
+    padded = np.full(shape, PAD_ID, inputs.dtype)
     padded[:rows, :width] = inputs
+    if mesh is not None:
+        padded = sharding.global_batch(mesh, {'inputs': padded})['inputs']
     if beam_size == 1:
         tokens = greedy_search(model, padded, max_extra_length=max_extra_length)
     else:
         tokens, _ = beam_search(
             model, padded, beam_size=beam_size, alpha=alpha, max_extra_length=max_extra_length
         )
-    return np.asarray(tokens)[:rows]
+    tokens = np.asarray(tokens) if mesh is None else sharding.host_rows(mesh, tokens)
+    return tokens[:rows]

@@ -2,11 +2,12 @@
 
     python -m attn.evaluate --workdir=W [--split=test] [--average_last=5] [--beam_size=4]
 
-Restores onto this process's devices, decodes every example of the split (none dropped
-for length) and reports sacreBLEU (detokenized, with its signature), the paper's
-tokenized BLEU with compound splitting, teacher-forced perplexity, the decode settings,
-the checkpoint steps used, wall time and target tokens/s. Writes W/eval/<split>-<step>.json
-and prints the same JSON.
+Restores the parameters onto every device of every process and runs data-parallel there
+(start it on every host of a multi-host run, as attn.train is started). Decodes every
+example of the split (none dropped for length) and reports sacreBLEU (detokenized, with its
+signature), the paper's tokenized BLEU with compound splitting, teacher-forced perplexity,
+the decode settings, the checkpoint steps used, wall time and target tokens/s. Process 0
+writes W/eval/<split>-<step>.json and prints the same JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 from absl import app, flags
 from flax import nnx
 
-from attn import bleu, cli, decode, restore, sharding
+from attn import bleu, cli, decode, distributed, restore
 from attn import step as step_lib
 from attn.data import datasets
 
@@ -36,15 +37,17 @@ def perplexity(run: restore.Run, data: datasets.Data, split: str) -> dict[str, f
     eval_step = jax.jit(
         functools.partial(step_lib.eval_step, graphdef=graphdef, rest=rest, cfg=cfg)
     )
-    mesh = sharding.make_mesh()
-    return step_lib.evaluate_loss(eval_step, params, data.eval_batches(config, split), mesh)
+    return step_lib.evaluate_loss(eval_step, params, data.eval_batches(config, split), run.mesh)
 
 
 def translate_split(
-    model, config, data: datasets.Data, split: str, *, beam_size: int, alpha: float
+    model, config, data: datasets.Data, split: str, *, beam_size: int, alpha: float, mesh
 ) -> tuple[list[str], int]:
     """Detokenized translations of every example of `data.splits[split]`, in order, and
-    the number of target tokens generated (EOS included)."""
+    the number of target tokens generated (EOS included).
+
+    Data-parallel over `mesh`: each process decodes its rows of each batch over the
+    devices, then every process gathers all rows, so each holds the whole split."""
     translations: dict[int, str] = {}
     generated = 0
     for batch in data.eval_batches(config, split):
@@ -54,22 +57,31 @@ def translate_split(
             beam_size=beam_size,
             alpha=alpha,
             max_extra_length=config.decode.max_extra_length,
+            mesh=mesh,
         )
-        for index, row in zip(batch['index'], tokens, strict=True):
+        indices = distributed.gather_rows(batch['index'])
+        tokens = distributed.gather_rows(tokens)
+        for index, row in zip(indices, tokens, strict=True):
             if index >= 0:
                 translations[int(index)] = data.tokenizer.decode(row)
                 generated += decode.output_length(row)
     return [translations[i] for i in range(len(translations))], generated
 
 
-def sample_bleu(model, config, data: datasets.Data, split: str, examples: int) -> float:
+def sample_bleu(model, config, data: datasets.Data, split: str, examples: int, mesh) -> float:
     """sacreBLEU of the first `examples` of a split, with the config's beam search (for
     monitoring during training)."""
     source = data.splits[split]
     sample = [source[i] for i in range(min(examples, len(source)))]
     subset = datasets.Data(data.tokenizer, data.features, {split: sample})
     hypotheses, _ = translate_split(
-        model, config, subset, split, beam_size=config.decode.beam_size, alpha=config.decode.alpha
+        model,
+        config,
+        subset,
+        split,
+        beam_size=config.decode.beam_size,
+        alpha=config.decode.alpha,
+        mesh=mesh,
     )
     return bleu.sacre_bleu(hypotheses, references(subset, split))['bleu']
 
@@ -113,7 +125,7 @@ def evaluate(
         alpha = config.decode.alpha if alpha is None else alpha
         decode_start = time.perf_counter()
         hypotheses, generated = translate_split(
-            run.model, config, data, split, beam_size=beam_size, alpha=alpha
+            run.model, config, data, split, beam_size=beam_size, alpha=alpha, mesh=run.mesh
         )
         seconds = time.perf_counter() - decode_start
         refs = references(data, split)
@@ -130,11 +142,9 @@ def evaluate(
         pairs = zip(hypotheses[:5], refs[:5], strict=True)
         report['samples'] = [{'reference': r, 'translation': h} for h, r in pairs]
     report['seconds'] = round(time.perf_counter() - start, 2)
-    write_report(
-        workdir,
-        report,
-        f'{split}-{run.step}' + (f'-avg{len(run.steps)}' if len(run.steps) > 1 else ''),
-    )
+    name = f'{split}-{run.step}' + (f'-avg{len(run.steps)}' if len(run.steps) > 1 else '')
+    if distributed.is_main():
+        write_report(workdir, report, name)
     return report
 
 
@@ -152,6 +162,7 @@ def main(argv):
     FLAGS = flags.FLAGS
     if FLAGS.workdir is None:
         raise app.UsageError('--workdir is required.')
+    distributed.initialize_from_flags()
     report = evaluate(
         FLAGS.workdir,
         split=FLAGS.split,
@@ -160,7 +171,8 @@ def main(argv):
         beam_size=FLAGS.beam_size,
         alpha=FLAGS.alpha,
     )
-    print(json.dumps(report, ensure_ascii=False))  # noqa: T201 - the command's report
+    if distributed.is_main():
+        print(json.dumps(report, ensure_ascii=False))  # noqa: T201 - the command's report
 
 
 def run():
@@ -172,6 +184,7 @@ def run():
         'beam_size', None, 'Beam size (default: config.decode.beam_size); 1 = greedy.'
     )
     flags.DEFINE_float('alpha', None, 'Length penalty (default: config.decode.alpha).')
+    distributed.define_flags()
     cli.run(main)
 
 

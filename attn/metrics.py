@@ -11,19 +11,65 @@ import time
 
 import jax
 import tqdm
+from absl import logging
 from tensorboardX import SummaryWriter
 
 
-class MetricsWriter:
-    """Writes scalar rows to `workdir/tensorboard/` and `workdir/metrics.jsonl`."""
+def truncate_jsonl(path: str, last_step: int) -> int:
+    """Drops the rows of `path` past `last_step` (and any unreadable line); returns how many.
 
-    def __init__(self, workdir: str):
+    A run killed after logging step S+k but before its next checkpoint resumes from S and
+    logs S+1.. again; without this those rows would appear twice. The file is rewritten
+    through a temporary file and `os.replace`, so a kill here leaves the old or the new file.
+    """
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding='utf-8') as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+        if isinstance(row, dict) and int(row.get('step', 0)) <= last_step:
+            kept.append(line if line.endswith('\n') else line + '\n')
+    if kept != lines:  # also when only the last line's newline was lost
+        temporary = f'{path}.tmp'
+        with open(temporary, 'w', encoding='utf-8') as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    return len(lines) - len(kept)
+
+
+class MetricsWriter:
+    """Writes scalar rows to `workdir/tensorboard/` and `workdir/metrics.jsonl`.
+
+    `resume_step`: the step training (re)starts from (0 for a fresh run). Rows already
+    logged past it are dropped from metrics.jsonl and hidden from TensorBoard (its
+    `purge_step`), since training logs those steps again. None keeps everything.
+    """
+
+    def __init__(self, workdir: str, resume_step: int | None = None):
         self.active = jax.process_index() == 0
         self._tensorboard = None
         self._jsonl = None
         if self.active:
-            self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-            self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')  # noqa: SIM115
+            jsonl = os.path.join(workdir, 'metrics.jsonl')
+            purge_step = None
+            if resume_step is not None:
+                purge_step = int(resume_step) + 1
+                dropped = truncate_jsonl(jsonl, int(resume_step))
+                if dropped:
+                    logging.info(
+                        'metrics.jsonl: dropped %d rows past step %d.', dropped, resume_step
+                    )
+            self._tensorboard = SummaryWriter(
+                os.path.join(workdir, 'tensorboard'), purge_step=purge_step
+            )
+            self._jsonl = open(jsonl, 'a', encoding='utf-8')  # noqa: SIM115
 
     def write(self, step: int, scalars: dict[str, float], split: str | None = None) -> None:
         """One row: {'step': s, 'time': unix seconds, ...scalars} (eval rows carry 'split')."""

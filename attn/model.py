@@ -175,6 +175,20 @@ def logits_from(hidden: jax.Array, matrix: jax.Array, dtype: jnp.dtype) -> jax.A
     return jnp.einsum('BTD,VD->BTV', hidden.astype(dtype), matrix.astype(dtype))
 
 
+def check_learned_length(table: layers.LearnedPositions, length: int, what: str) -> None:
+    """Raises unless `length` positions fit in the learned table (at trace time: shapes are
+    static). Past the table a gather reads out of bounds and gives NaN, silently."""
+    max_len = table.embedding.shape[0]
+    if length > max_len:
+        raise ConfigError(
+            f'{what} {length} positions but model.positions="learned" has only '
+            f'model.max_len={max_len} rows. Raise model.max_len to at least {length} (a new '
+            'model: the table is a parameter) or shorten the inputs (data.max_length; for '
+            'translation, decoding needs the source length padded to a power of two plus '
+            'decode.max_extra_length).'
+        )
+
+
 class _Embedder(nnx.Module):
     """Token embedding (shared or not) + positional encoding, then dropout (§3.4, §3.5, §5.4)."""
 
@@ -192,6 +206,7 @@ class _Embedder(nnx.Module):
         """tokens, positions: [B, T] -> [B, T, D]."""
         x = self.embed(tokens)  # [B, T, D], already x sqrt(d_model)
         if self.learned is not None:
+            check_learned_length(self.learned, positions.shape[-1], 'the inputs have')
             pe = self.learned(positions)
         else:
             pe = layers.sinusoidal_positions(positions, self.emb_dim)
@@ -373,6 +388,8 @@ class Decoder(nnx.Module):
         """Caches for decode=True calls: every self-attention's keys/values (filled one
         position per call) and, given `encoded` [B, S, D], the source's keys/values of
         every encoder-decoder attention (projected once here)."""
+        if self.embedder.learned is not None:
+            check_learned_length(self.embedder.learned, max_length, 'decoding caches')
         for layer in self.layers:
             layer.self_attention.init_cache(batch_size, max_length)
             if layer.cross_attention is not None and encoded is not None:

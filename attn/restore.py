@@ -1,19 +1,29 @@
-"""A trained model back from a workdir, on whatever devices this process has: for
-evaluation, translation and analysis (any topology can have written it).
+"""A trained model back from a workdir, for use rather than for resuming: evaluation,
+translation, analysis, averaging and export, on whatever devices and processes this run
+has (any topology can have written it).
 
     run = restore.load('runs/l10n', average_last=5)
     run.model(inputs, targets)      # an nnx.Module: mask heads, capture attention...
+
+Only parameters are read (never the Adam moments), placed on this run's mesh with the
+shardings the train step uses. Averaging is a running sum: one checkpoint's parameters
+are restored at a time, so memory is two parameter sets whatever the number averaged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
 
+import jax
 from absl import logging
 from flax import nnx
+from jax.sharding import Mesh
 from ml_collections import config_dict
 
-from attn import checkpoint, configuration
+from attn import checkpoint, configuration, sharding
 from attn import workdir as workdir_lib
 from attn.model import build_model
 
@@ -23,21 +33,38 @@ class Run:
     config: config_dict.ConfigDict  # the config the checkpoint was trained with
     model: nnx.Module
     steps: list[int]  # checkpoint steps whose parameters `model` holds (averaged if several)
+    mesh: Mesh | None = None  # where the parameters live; decoding shards batches over it
 
     @property
     def step(self) -> int:
         return self.steps[-1]
 
 
-def load(workdir: str, *, step: int | None = None, average_last: int = 1) -> Run:
-    """The model of checkpoint `step` (default: latest), or the mean of the parameters
-    of the last `average_last` checkpoints up to it."""
-    ckpt = checkpoint.Checkpointer(workdir_lib.checkpoints(workdir), keep=None, async_save=False)
-    available = ckpt.all_steps()
-    if not available:
+def open_checkpoints(workdir: str) -> checkpoint.Checkpointer:
+    """The workdir's checkpoints, read-only; names the fix when there are none."""
+    directory = workdir_lib.checkpoints(workdir)
+    if not os.path.isdir(directory):
+        what = 'does not exist' if not os.path.exists(workdir) else 'has no checkpoints/'
         raise checkpoint.CheckpointError(
-            f'No checkpoint in {workdir_lib.checkpoints(workdir)}: train first '
+            f'Workdir {workdir} {what}: check the path, or train first '
             f'(python -m attn.train --config=... --workdir={workdir}).'
+        )
+    ckpt = checkpoint.Checkpointer(directory, keep=None, async_save=False, create=False)
+    if not ckpt.all_steps():
+        ckpt.close()
+        raise checkpoint.CheckpointError(
+            f'No checkpoint in {directory}: train first '
+            f'(python -m attn.train --config=... --workdir={workdir}).'
+        )
+    return ckpt
+
+
+def select_steps(available: list[int], step: int | None, average_last: int) -> list[int]:
+    """The last `average_last` checkpoint steps up to `step` (default: the latest)."""
+    if average_last < 1:
+        raise checkpoint.CheckpointError(
+            f'average_last={average_last}: give the number of checkpoints to average, 1 or '
+            f'more (1 = no averaging; there are {len(available)}: {available}).'
         )
     step = available[-1] if step is None else step
     if step not in available:
@@ -45,10 +72,67 @@ def load(workdir: str, *, step: int | None = None, average_last: int = 1) -> Run
     steps = [s for s in available if s <= step][-average_last:]
     if len(steps) < average_last:
         logging.warning('Only %d checkpoints to average: %s', len(steps), steps)
-    config = config_dict.ConfigDict(ckpt.restore_config(step))
-    model = nnx.jit(lambda: build_model(config.model_kind, configuration.model_config(config)))()
-    params = nnx.state(model, nnx.Param)
-    saved = [ckpt.restore_arrays(s)['params'] for s in steps]
-    nnx.update(model, checkpoint.into_structure(params, checkpoint.average(saved)))
-    ckpt.close()
-    return Run(config=config, model=model, steps=steps)
+    return steps
+
+
+def running_mean(restore_one: Callable[[int], Any], steps: list[int]) -> Any:
+    """Mean of the parameter trees `restore_one(step)` over `steps`, restoring one tree at
+    a time and adding it to a running sum (at most the sum and one tree are held)."""
+    total = None
+    for step in steps:
+        tree = restore_one(step)
+        total = tree if total is None else jax.tree.map(lambda a, b: a + b, total, tree)
+        del tree
+    return total if len(steps) == 1 else jax.tree.map(lambda x: x / len(steps), total)
+
+
+def load_params(
+    workdir: str, *, step: int | None = None, average_last: int = 1, mesh: Mesh
+) -> tuple[config_dict.ConfigDict, list[int], Any]:
+    """(config, steps, parameters as saved: nested dicts of arrays on `mesh`) of checkpoint
+    `step` (default: the latest), or the mean over the last `average_last` up to it."""
+    ckpt = open_checkpoints(workdir)
+    try:
+        steps = select_steps(ckpt.all_steps(), step, average_last)
+        config = config_dict.ConfigDict(ckpt.restore_config(steps[-1]))
+        mode = config.get('sharding', 'replicated')
+
+        def shardings(tree):
+            return sharding.state_shardings(tree, mesh, mode)
+
+        params = running_mean(lambda s: ckpt.restore_params(s, shardings), steps)
+    finally:
+        ckpt.close()
+    return config, steps, params
+
+
+def load(
+    workdir: str,
+    *,
+    step: int | None = None,
+    average_last: int = 1,
+    mesh: Mesh | None = None,
+) -> Run:
+    """The model of checkpoint `step` (default: latest), or the mean of the parameters
+    of the last `average_last` checkpoints up to it, on `mesh` (default: every device of
+    every process)."""
+    mesh = mesh or sharding.make_mesh()
+    config, steps, params = load_params(workdir, step=step, average_last=average_last, mesh=mesh)
+    return Run(config=config, model=build(config, mesh, params), steps=steps, mesh=mesh)
+
+
+def build(config: config_dict.ConfigDict, mesh: Mesh, saved_params: Any) -> nnx.Module:
+    """The model of `config` holding `saved_params` (checked against its shapes), its other
+    state (head masks, ...) initialized and replicated on `mesh`. No second set of
+    parameters is ever made: the initializer's are dropped by the compiler."""
+    cfg = configuration.model_config(config)
+
+    def fresh():
+        return build_model(config.model_kind, cfg)
+
+    graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(fresh), nnx.Param, ...)
+    rest = jax.jit(
+        lambda: nnx.split(fresh(), nnx.Param, ...)[2], out_shardings=sharding.replicated(mesh)
+    )()
+    params = checkpoint.into_structure(abstract_params, saved_params)
+    return nnx.merge(graphdef, params, rest)

@@ -1,53 +1,28 @@
 """Data parallelism over every device of every host.
 
-One mesh axis, `data`: batches are split along it, parameters and optimizer state are
-replicated. Each host loads its own rows; `global_batch` joins them into arrays that
-span the mesh. Multi-host runs start with `initialize_distributed()`, which lets
-`jax.distributed` detect SLURM, TPU pods and Kubernetes, or takes explicit flags.
+One mesh axis, `data`: batches are split along it; parameters and optimizer state are
+replicated, or, opt-in with `config.sharding='fsdp'` (ZeRO-3), each split over `data`
+along one dimension, XLA gathering them where a step needs them whole (`state_shardings`).
+Each host loads its own rows; `global_batch` joins them into arrays that span the mesh,
+and `host_rows` takes this host's rows of a result back. Joining the hosts is
+`attn.distributed`.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import numpy as np
-from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from attn.model import ConfigError
+
 DATA_AXIS = 'data'
-
-
-def initialize_distributed(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-) -> None:
-    """Joins a multi-process run; a no-op for one process with nothing to detect.
-
-    With no arguments `jax.distributed.initialize()` auto-detects the cluster
-    (SLURM, TPU pods, Kubernetes, ...). Outside any cluster it raises; a plain
-    one-host run then simply continues alone.
-    """
-    # Cross-process collectives between CPU devices (tests, CPU clusters) go through gloo.
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    if coordinator_address is not None or num_processes is not None:
-        jax.distributed.initialize(
-            coordinator_address=coordinator_address,
-            num_processes=num_processes,
-            process_id=process_id,
-        )
-    else:
-        try:
-            jax.distributed.initialize()
-        except (ValueError, RuntimeError) as error:
-            logging.info('No cluster detected (%s); running as a single process.', error)
-            return
-    logging.info(
-        'Process %d of %d; %d local / %d global devices.',
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
-    )
+# 'replicated': every device holds the whole train state. 'fsdp': each device holds a
+# 1 / devices slice of every parameter and Adam moment (ZeRO-3).
+SHARDING_MODES = ('replicated', 'fsdp')
 
 
 def make_mesh() -> Mesh:
@@ -57,6 +32,29 @@ def make_mesh() -> Mesh:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def state_shardings(tree: Any, mesh: Mesh, mode: str) -> Any:
+    """NamedShardings for the arrays of `tree` (a TrainState, an nnx.State of parameters,
+    ...; jax.Arrays or ShapeDtypeStructs), in its structure.
+
+    'replicated': every array whole on every device. 'fsdp': an array of rank >= 1 is split
+    over `data` along its largest dimension that the `data` size divides (the first of
+    equals); arrays with no such dimension, and scalars, are replicated. Optimizer moments
+    have their parameter's shape, so they are split alike.
+    """
+    if mode not in SHARDING_MODES:
+        raise ConfigError(f'config.sharding={mode!r} is not one of {SHARDING_MODES}.')
+    devices = mesh.shape[DATA_AXIS]
+
+    def spec(shape: tuple[int, ...]) -> PartitionSpec:
+        divisible = [i for i, size in enumerate(shape) if size % devices == 0]
+        if mode == 'replicated' or not divisible:
+            return PartitionSpec()
+        split = max(divisible, key=lambda i: shape[i])  # max() keeps the first of equals
+        return PartitionSpec(*(DATA_AXIS if i == split else None for i in range(len(shape))))
+
+    return jax.tree.map(lambda x: NamedSharding(mesh, spec(tuple(np.shape(x)))), tree)
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
@@ -71,3 +69,16 @@ def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, ja
         name: jax.make_array_from_process_local_data(sharding, array)
         for name, array in local_batch.items()
     }
+
+
+def host_rows(mesh: Mesh, array: jax.Array) -> np.ndarray:
+    """This host's rows of a batch-sharded result (the rows `global_batch` took from it)."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    local = multihost_utils.global_array_to_host_local_array(array, mesh, PartitionSpec(DATA_AXIS))
+    return np.asarray(local)
+
+
+def local_device_count(mesh: Mesh) -> int:
+    """Devices of `mesh` on this host: a host's rows must be a multiple of this."""
+    return len(mesh.local_devices)

@@ -2,7 +2,8 @@
 jit-compiled `train_step` and `eval_step` over a device mesh.
 
 `train_step(state, batch, rng) -> (state, metrics)` is pure; it is compiled once with
-the batch split over the mesh's `data` axis and the state replicated and donated. The
+the batch split over the mesh's `data` axis and the state donated, replicated or (with
+`config.sharding='fsdp'`) split over `data` too (`sharding.state_shardings`). The
 loop that feeds it (data, checkpoints, logs) is `attn.train`.
 """
 
@@ -279,40 +280,56 @@ def eval_step(params, batch, *, graphdef, rest, cfg: StepConfig) -> dict[str, ja
     return _loss_sums(params, rest, graphdef, batch, None, cfg, deterministic=True)
 
 
-def compile_steps(graphdef, rest, tx, cfg: StepConfig, mesh) -> tuple[Any, Any]:
-    """jit-compiled (train_step, eval_step): batch split over `data`, state replicated
-    and donated."""
+def compile_steps(
+    graphdef, rest, tx, cfg: StepConfig, mesh, *, mode: str = 'replicated', state=None
+) -> tuple[Any, Any]:
+    """jit-compiled (train_step, eval_step): batch split over `data`, the state laid out
+    by `sharding.state_shardings(state, mesh, mode)` and donated; metrics replicated.
+
+    `state` (the TrainState, arrays or ShapeDtypeStructs) gives the shapes the layout is
+    chosen by; without it the state is replicated.
+    """
     replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    if state is None:
+        if mode != 'replicated':
+            raise ValueError(f'compile_steps(mode={mode!r}) needs the state to lay out.')
+        layout = TrainState(step=replicated, params=replicated, opt_state=replicated)
+    else:
+        layout = sharding.state_shardings(state, mesh, mode)
     train = jax.jit(
         functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx, cfg=cfg),
-        in_shardings=(replicated, batch, replicated),
-        out_shardings=(replicated, replicated),
+        in_shardings=(layout, batch, replicated),
+        out_shardings=(layout, replicated),
         donate_argnums=0,
     )
     evaluate = jax.jit(
         functools.partial(eval_step, graphdef=graphdef, rest=rest, cfg=cfg),
-        in_shardings=(replicated, batch),
+        in_shardings=(layout.params, batch),
         out_shardings=replicated,
     )
     return train, evaluate
 
 
-def create_state(kind: str, cfg, seed: int, tx, mesh):
-    """(graphdef, rest, TrainState) with parameters initialized on the mesh, replicated."""
+def create_state(kind: str, cfg, seed: int, tx, mesh, *, mode: str = 'replicated'):
+    """(graphdef, rest, TrainState) initialized on the mesh: the TrainState laid out by
+    `sharding.state_shardings(..., mode)` (each device makes only its own slices), the
+    non-trained state replicated."""
     abstract = nnx.eval_shape(lambda: build_model(kind, cfg, seed))
     graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
 
-    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
     def init():
         _, rest, state = init_state(build_model(kind, cfg, seed), tx)
         return rest, state
 
-    rest, state = init()
+    _, abstract_state = jax.eval_shape(init)
+    layout = sharding.state_shardings(abstract_state, mesh, mode)
+    rest, state = jax.jit(init, out_shardings=(sharding.replicated(mesh), layout))()
     return graphdef, rest, state
 
 
 def evaluate_loss(eval_step, params, batches, mesh) -> dict[str, float]:
-    """Token-mean loss, NLL and perplexity over eval batches (host-local, padded alike)."""
+    """Token-mean loss, NLL and perplexity over eval batches (host-local rows, every host's
+    of the same width: `Data.eval_batches` agrees on it)."""
     totals = None
     for batch in batches:
         batch = {k: v for k, v in batch.items() if k != 'index'}
@@ -329,10 +346,11 @@ def setup(config, cfg, mesh):
     TrainState, compiled train_step, compiled eval_step, dropout key)."""
     jax.config.update('jax_threefry_partitionable', True)  # dropout independent of devices
     tx = make_optimizer(config.optimizer, cfg.emb_dim)
-    graphdef, rest, state = create_state(config.model_kind, cfg, config.seed, tx, mesh)
+    mode = config.get('sharding', 'replicated')  # runs saved before FSDP have no field
+    graphdef, rest, state = create_state(config.model_kind, cfg, config.seed, tx, mesh, mode=mode)
     step_cfg = StepConfig(
         config.model_kind, config.label_smoothing, config.grad_accum_steps, config.loss_chunk
     )
-    train, evaluate = compile_steps(graphdef, rest, tx, step_cfg, mesh)
+    train, evaluate = compile_steps(graphdef, rest, tx, step_cfg, mesh, mode=mode, state=state)
     rng = jax.random.key(config.seed, impl=config.prng_impl)
     return graphdef, rest, state, train, evaluate, rng

@@ -7,7 +7,9 @@ from the workdir's latest checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import signal
 import threading
 
@@ -17,7 +19,7 @@ import optax
 from absl import app, flags, logging
 from flax import nnx
 
-from attn import checkpoint, cli, configuration, sharding
+from attn import checkpoint, cli, configuration, distributed, sharding
 from attn import evaluate as evaluate_lib
 from attn import metrics as metrics_lib
 from attn import step as step_lib
@@ -28,17 +30,46 @@ from attn.data import datasets
 
 
 class _Preemption:
-    """Turns SIGTERM into a request to save and stop at the next step boundary."""
+    """Turns SIGTERM (preemption) and Ctrl-C into a request to save and stop at a step
+    boundary; a second Ctrl-C stops at once.
 
-    def __init__(self):
-        self.requested = False
+    One process: a flag set by the signal handlers. Several: JAX's preemption service
+    (started by jax.distributed) takes SIGTERM on any host and agrees on one step at
+    which every host stops (`reached`, through Orbax); Ctrl-C is passed on to it as
+    SIGTERM. No per-process flag, so hosts never save at different steps.
+    """
+
+    def __init__(self, ckpt: checkpoint.Checkpointer):
+        self._ckpt = ckpt
+        self._requested = False
+        self._multi = jax.process_count() > 1
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._handle)
+            if not self._multi:
+                signal.signal(signal.SIGTERM, self._handle)
+            signal.signal(signal.SIGINT, self._interrupt)
 
     def _handle(self, signum, frame):
-        del signum, frame
-        logging.warning('SIGTERM: saving a checkpoint and stopping.')
-        self.requested = True
+        del frame
+        logging.warning('%s: saving a checkpoint and stopping.', signal.Signals(signum).name)
+        self._requested = True
+
+    def _interrupt(self, signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
+        if self._multi:
+            logging.warning('SIGINT: asking every process to save and stop.')
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self._handle(signum, frame)
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step` (called at every step, on every host)."""
+        return self._ckpt.reached_preemption(step) or self._requested
+
+    def close(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if not self._multi:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _Reporter:
@@ -49,7 +80,7 @@ class _Reporter:
     """
 
     def __init__(self, workdir: str, start: int, total: int, schedule: optax.Schedule):
-        self.writer = metrics_lib.MetricsWriter(workdir)
+        self.writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
         self.progress = metrics_lib.Progress(start, total)
         self.schedule = schedule
         self.pending: list[dict] = []
@@ -89,20 +120,28 @@ class _Reporter:
         self.writer.close()
 
 
-def _sample_bleu(config, data: datasets.Data, model) -> dict[str, float]:
-    """{'bleu': sacreBLEU of the first config.bleu_examples eval examples} (one process)."""
-    if config.model_kind != 'transformer' or jax.process_count() > 1:
+def _sample_bleu(config, data: datasets.Data, model, mesh) -> dict[str, float]:
+    """{'bleu': sacreBLEU of the first config.bleu_examples eval examples}."""
+    if config.model_kind != 'transformer':
         return {}
     split = config.data.eval_split
-    return {'bleu': evaluate_lib.sample_bleu(model, config, data, split, config.bleu_examples)}
+    return {
+        'bleu': evaluate_lib.sample_bleu(model, config, data, split, config.bleu_examples, mesh)
+    }
 
 
-def train_and_evaluate(config, workdir: str, data: datasets.Data | None = None) -> dict:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
+@dataclasses.dataclass
+class Outcome:
+    """How a training run ended: the step reached, the last validation metrics, and
+    whether it stopped early for a preemption or Ctrl-C (then it saved that step)."""
 
-    Returns the final validation metrics.
-    """
-    workdir_lib.write_config(workdir, config)
+    step: int
+    validation: dict[str, float]
+    preempted: bool = False
+
+
+def train_and_evaluate(config, workdir: str, data: datasets.Data | None = None) -> Outcome:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint if any."""
     mesh = sharding.make_mesh()
     data = data or datasets.load(config)
     train_iter = data.train_iterator(config)
@@ -112,40 +151,47 @@ def train_and_evaluate(config, workdir: str, data: datasets.Data | None = None) 
     ckpt = checkpoint.Checkpointer(workdir_lib.checkpoints(workdir), keep=config.keep_checkpoints)
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state, train_iter)
+    workdir_lib.write_config(workdir, config)  # only once the checkpoint has accepted it
 
     schedule = step_lib.learning_rate_schedule(
         cfg.emb_dim, config.optimizer.warmup_steps, config.optimizer.lr_scale
     )
-    preemption = _Preemption()
+    preemption = _Preemption(ckpt)
     reporter = _Reporter(workdir, int(state.step), config.total_steps, schedule)
-    result = {}
+    outcome = Outcome(step=int(state.step), validation={})
     try:
         for step in range(int(state.step) + 1, config.total_steps + 1):
             state, step_metrics = train(state, sharding.global_batch(mesh, next(train_iter)), rng)
             reporter.add(step, step_metrics)
+            outcome.step = step
             last = step == config.total_steps
-            stop = preemption.requested or ckpt.reached_preemption(step)
+            stop = preemption.reached(step)
             save = last or stop or step % config.checkpoint_every_steps == 0
             log = last or stop or step % config.log_every_steps == 0
             if log or save:
                 reporter.flush(step, write=log)
+            if stop:  # save at once and leave: a preemption grace period is short
+                ckpt.save(step, state, train_iter, config.to_dict())
+                outcome.preempted = True
+                logging.warning('Stopped at step %d; run the same command to resume.', step)
+                break
             if last or step % config.eval_every_steps == 0:
-                result = step_lib.evaluate_loss(
+                outcome.validation = step_lib.evaluate_loss(
                     evaluate, state.params, data.eval_batches(config), mesh
                 )
-                reporter.write_eval(step, config.data.eval_split, result)
+                reporter.write_eval(step, config.data.eval_split, outcome.validation)
             if config.bleu_every_steps and step % config.bleu_every_steps == 0:
-                scores = _sample_bleu(config, data, nnx.merge(graphdef, state.params, rest))
+                model = nnx.merge(graphdef, state.params, rest)
+                scores = _sample_bleu(config, data, model, mesh)
                 if scores:
                     reporter.write_eval(step, config.data.eval_split, scores)
             if save:
                 ckpt.save(step, state, train_iter, config.to_dict())
-            if stop:
-                break
     finally:
+        preemption.close()
         ckpt.wait()
         reporter.close()
-    return result
+    return outcome
 
 
 # -------------------------------------------------------------------------------- CLI
@@ -157,34 +203,23 @@ def main(argv):
     if FLAGS.workdir is None:
         raise app.UsageError('--workdir is required.')
     config = cli.config()
-    sharding.initialize_distributed(
-        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
-    )
-    report = {
-        'step': config.total_steps,
-        config.data.eval_split: train_and_evaluate(config, FLAGS.workdir),
-    }
-    if config.bleu_at_end and config.model_kind == 'transformer':
-        if jax.process_count() == 1:
-            report[config.data.test_split] = evaluate_lib.evaluate(
-                FLAGS.workdir, split=config.data.test_split
-            )
-        else:
-            logging.info('bleu_at_end runs in one process: use python -m attn.evaluate.')
-    if jax.process_index() == 0:
+    distributed.initialize_from_flags()
+    outcome = train_and_evaluate(config, FLAGS.workdir)
+    report = {'step': outcome.step, config.data.eval_split: outcome.validation}
+    if outcome.preempted:
+        report['preempted'] = True
+    elif config.bleu_at_end and config.model_kind == 'transformer':
+        report[config.data.test_split] = evaluate_lib.evaluate(
+            FLAGS.workdir, split=config.data.test_split
+        )
+    if distributed.is_main():
         print(json.dumps(report, ensure_ascii=False))  # noqa: T201 - the command's report
 
 
 def run():
     cli.define_config_flag()
     flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
-    flags.DEFINE_string(
-        'coordinator_address', None, 'host:port of process 0, where no cluster is auto-detected.'
-    )
-    flags.DEFINE_integer(
-        'num_processes', None, 'Processes in the run (with --coordinator_address).'
-    )
-    flags.DEFINE_integer('process_id', None, 'This process (with --coordinator_address).')
+    distributed.define_flags()
     cli.run(main)
 
 

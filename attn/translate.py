@@ -95,6 +95,7 @@ def _translate_batch(run, tokenizer, lines, first_line, beam_size, alpha, max_in
                 beam_size=beam_size,
                 alpha=alpha,
                 max_extra_length=run.config.decode.max_extra_length,
+                mesh=run.mesh,
             )
         )
         for i, row in zip(todo, tokens, strict=True):

@@ -104,6 +104,10 @@ def base_config(size: str = 'base') -> config_dict.ConfigDict:
     # again in the backward pass, so the [batch, length, vocab] logits are never held
     # whole (memory for compute; the loss is the same). 0: all at once.
     config.loss_chunk = 0
+    # Layout of parameters and Adam state over the devices. 'replicated': whole on every
+    # device. 'fsdp': split over the data axis (ZeRO-3); XLA inserts the all-gathers and
+    # reduce-scatters, for models whose replicated Adam state does not fit one device.
+    config.sharding = 'replicated'
 
     config.decode = config_dict.ConfigDict()
     config.decode.beam_size = 4  # §6.1

@@ -25,7 +25,8 @@ def get_config(arg=None):
     config.data.config = arg.pair
     config.data.target_lang = target_lang
     config.data.vocab_size = vocab_size
-    config.data.eval_split = 'test'  # newstest2014
+    config.data.eval_split = 'validation'  # newstest2013: watched during training
+    config.data.test_split = 'test'  # newstest2014: scored once, at the end
     if arg.size == 'big':
         config.total_steps = 300_000
         config.keep_checkpoints = 20

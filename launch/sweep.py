@@ -9,7 +9,7 @@ trains `python -m attn.train --config=CONFIG --workdir=ROOT/NAME` and then score
 config's evaluation split with `python -m attn.evaluate`. Finished runs (an evaluation
 report at the config's last step) are skipped; unfinished ones resume from their
 checkpoints. Locally runs go one after another; --slurm submits one job per run with
-launch/slurm.sbatch.
+launch/slurm.sbatch, which trains and then, in the same job, runs the same evaluation.
 """
 
 import argparse
@@ -67,6 +67,18 @@ def commands(name: str, config: str, workdir: pathlib.Path, split: str, extra: l
     return train, evaluate
 
 
+def slurm_env(config_arg: str, workdir: pathlib.Path, config) -> dict[str, str]:
+    """What launch/slurm.sbatch reads: the run to train and, once training has saved its
+    last step, the split to evaluate (as `commands`' evaluate does here)."""
+    return dict(
+        os.environ,
+        CONFIG=config_arg,
+        WORKDIR=str(workdir),
+        EVAL_SPLIT=config.data.eval_split,
+        FINAL_STEP=str(config.total_steps),
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -80,7 +92,12 @@ def main():
     parser.add_argument('--dry_run', action='store_true', help='print one line per run and stop')
     parser.add_argument('--slurm', action='store_true', help='submit each run with sbatch')
     parser.add_argument('extra', nargs='*', help='flags for every run, after --')
-    args = parser.parse_args()
+    # Split at '--' by hand: argparse binds the positional `extra` to the sweep folder's
+    # position, so it would reject flags after '--' that follow any option.
+    argv = sys.argv[1:]
+    cut = argv.index('--') if '--' in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    args.extra += argv[cut + 1 :]
     runs = load_sweep(args.sweep, args.arg)
     if args.only:
         keep = args.only.split(',')
@@ -103,10 +120,10 @@ def main():
         if args.slurm:
             if not shutil.which('sbatch'):
                 raise SystemExit('--slurm needs sbatch on this machine.')
-            env = dict(os.environ, CONFIG=config_arg, WORKDIR=str(workdir))
             subprocess.run(
-                ['sbatch', f'--job-name={name}', str(ROOT / 'launch' / 'slurm.sbatch')],
-                env=env,
+                ['sbatch', f'--job-name={name}', str(ROOT / 'launch' / 'slurm.sbatch')]
+                + args.extra,
+                env=slurm_env(config_arg, workdir, config),
                 check=True,
             )
         else:

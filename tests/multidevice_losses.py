@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 
-from attn import sharding, step
+from attn import distributed, sharding, step
 from attn.model import ModelConfig
 from configs import common
 
@@ -45,5 +45,5 @@ def losses(steps: int = 20) -> list[float]:
 
 if __name__ == '__main__':
     if len(sys.argv) == 4:
-        sharding.initialize_distributed(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+        distributed.initialize(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
     print(json.dumps({'devices': jax.device_count(), 'losses': losses()}))  # noqa: T201

@@ -44,7 +44,8 @@ def test_speed_reports_train_and_decode_with_a_baseline_ratio(tmp_path):
     assert train['target_tokens_per_s'] == pytest.approx(
         4 * 16 / (train['step_ms'] / 1e3), rel=1e-2
     )
-    assert train['mfu'] == pytest.approx(train['tflops_per_s'], abs=1e-3)
+    # --peak_tflops=1 per device: MFU is the TFLOP/s over the devices' total peak.
+    assert train['mfu'] == pytest.approx(train['tflops_per_s'] / report['devices'], abs=1e-3)
     assert 0 < train['loss'] < 10
     assert 0.9 < train['xla_flops_vs_formula'] < 3  # XLA also counts softmax, Adam, ...
     assert decode['target_tokens_per_s'] > 0 and decode['beam_size'] == 4
@@ -100,7 +101,8 @@ def test_compile_only_reports_memory_and_the_chunked_loss_holds_less():
     )
     plain, chunked = report['measured']['train'], report['baselines'][0]['train']
     assert 'step_ms' not in plain and report['baselines'][0]['speedup'] == {}
-    logits_gib = 4 * 64 * 8192 * 4 / 2**30  # one float32 [B, T, V] array
+    # One float32 [B, T, V] array, per device: the batch is split over the devices.
+    logits_gib = 4 * 64 * 8192 * 4 / 2**30 / report['devices']
     assert plain['xla_memory_gib'] - chunked['xla_memory_gib'] > logits_gib
     # A variant that cannot run is reported, and the other measurements are kept.
     assert 'num_heads=7 does not divide' in report['baselines'][1]['error']

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from attn import configuration
+from attn import configuration, decode
 from attn.model import ModelConfig, build_model
 from attn.summary import summarize
 from configs import common, table3
@@ -52,6 +52,35 @@ def test_config_builds_with_right_shapes(name, arg):
     assert logits.shape == (B, T, config.data.vocab_size)
     assert config.model.vocab_size == config.data.vocab_size
     assert config.total_steps > 0 and config.data.tokens_per_batch > 0
+
+
+WMT14 = [
+    (name, arg)
+    for name, arg in ALL
+    if load(name, arg).data.name == 'wmt14_translate'
+    and load(name, arg).model_kind == 'transformer'
+]
+
+
+def test_wmt14_configs_are_found():
+    assert {name for name, _ in WMT14} == {'wmt14', 'table3'}
+
+
+@pytest.mark.parametrize('name,arg', WMT14, ids=[f'{n}:{a}' for n, a in WMT14])
+def test_wmt14_trains_on_newstest2013_and_scores_newstest2014(name, arg):
+    """Training watches the validation split; only the final score reads the test split."""
+    data = load(name, arg).data
+    assert (data.eval_split, data.test_split) == ('validation', 'test')
+
+
+def test_learned_positions_cover_training_and_decoding():
+    """Row E's learned table holds a training row and the decode length of its longest
+    source (padded to a power of two, plus decode.max_extra_length)."""
+    for arg in ('row=E', 'row=E,dataset=l10n', 'row=E,runlocal'):
+        config = load('table3', arg)
+        assert config.model.positions == 'learned'
+        longest = decode._bucket(config.data.max_length) + config.decode.max_extra_length
+        assert max(config.data.max_length, longest) <= config.model.max_len, arg
 
 
 def test_table3_rows_change_what_the_paper_says():

@@ -33,7 +33,7 @@ def test_every_example_is_translated_in_order(trained):
     workdir, data = trained
     run = restore.load(workdir)
     hypotheses, generated = evaluate.translate_split(
-        run.model, run.config, data, 'test', beam_size=1, alpha=0.6
+        run.model, run.config, data, 'test', beam_size=1, alpha=0.6, mesh=run.mesh
     )
     assert len(hypotheses) == len(data.splits['test']) and generated >= len(hypotheses)
     first = translate.encode_batch([data.splits['test'][0]['en'].decode()], data.tokenizer, 64, 1)

@@ -62,6 +62,75 @@ def test_sweep_dry_run_lists_every_table3_row():
     assert all(state == 'new' and 'attn.train' in command for _, _, state, command in rows)
 
 
+def _fake_slurm(bin_dir: pathlib.Path) -> None:
+    """sbatch that runs the job script here at once, and srun that logs its command (and,
+    for training, saves the final checkpoint when FAKE_TRAINING_FINISHES is set)."""
+    bin_dir.mkdir()
+    scripts = {
+        'sbatch': 'while [[ $1 == --* ]]; do echo "sbatch $1" >> "$LOG"; shift; done\n'
+        'exec bash "$@"\n',
+        'srun': 'echo "srun $*" >> "$LOG"\n'
+        'if [[ $* == *attn.train* && -n ${FAKE_TRAINING_FINISHES:-} ]]; then\n'
+        '  mkdir -p "$WORKDIR/checkpoints/$FINAL_STEP"\n'
+        'fi\n',
+    }
+    for name, body in scripts.items():
+        (bin_dir / name).write_text('#!/usr/bin/env bash\nset -eu\n' + body)
+        (bin_dir / name).chmod(0o755)
+
+
+@pytest.mark.parametrize('finishes', [True, False], ids=['finished', 'stopped_early'])
+def test_sweep_slurm_job_trains_then_evaluates(tmp_path, finishes):
+    """--slurm submits a job that trains and then runs the local sweep's evaluation,
+    only once training has saved the last step (a job stopped at its time limit resumes)."""
+    _fake_slurm(tmp_path / 'bin')
+    log = tmp_path / 'log'
+    env = dict(os.environ, PATH=f'{tmp_path / "bin"}:{os.environ["PATH"]}', LOG=str(log))
+    if finishes:
+        env['FAKE_TRAINING_FINISHES'] = '1'
+    result = subprocess.run(
+        ['python', str(ROOT / 'launch' / 'sweep.py'), 'experiments/table3', '--slurm']
+        + ['--arg=dataset=l10n', '--only=E', f'--root={tmp_path / "runs"}']
+        + ['--', '--config.seed=3'],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    workdir = tmp_path / 'runs' / 'E'
+    lines = log.read_text().splitlines()
+    assert lines[:2] == [
+        'sbatch --job-name=E',
+        'srun python -m attn.train --config=configs/table3.py:row=E,dataset=l10n '
+        f'--workdir={workdir} --config.seed=3',
+    ]
+    if finishes:
+        assert lines[2:] == [f'srun python -m attn.evaluate --workdir={workdir} --split=validation']
+    else:
+        assert lines[2:] == []
+        assert 'Training stopped before step 600' in result.stderr
+
+
+def test_slurm_job_without_eval_split_only_trains(tmp_path):
+    _fake_slurm(tmp_path / 'bin')
+    log = tmp_path / 'log'
+    env = dict(
+        os.environ,
+        PATH=f'{tmp_path / "bin"}:{os.environ["PATH"]}',
+        LOG=str(log),
+        CONFIG='configs/l10n.py',
+        WORKDIR=str(tmp_path / 'run'),
+        FAKE_TRAINING_FINISHES='1',
+        FINAL_STEP='700',
+    )
+    env.pop('EVAL_SPLIT', None)
+    subprocess.run(['bash', str(ROOT / 'launch' / 'slurm.sbatch')], env=env, check=True)
+    assert log.read_text().splitlines() == [
+        f'srun python -m attn.train --config=configs/l10n.py --workdir={tmp_path / "run"}'
+    ]
+
+
 def _finished_run(workdir, config_arg, perplexity, bleu):
     """A workdir as a finished small-scale Table 3 run leaves it."""
     from configs import table3
@@ -119,28 +188,6 @@ def test_table3_seeds_are_named_apart_and_reported_as_noise(tmp_path):
     lines = _report(tmp_path)
     assert next(line for line in lines if line.startswith('| base |')).count('30.00') == 1
     assert '| base | 0, 2 | 30.00, 31.50 | 14.0, 13.2 | 1.50 | 0.8 |' in lines
-
-
-@pytest.fixture(scope='module')
-def fixture_corpus(tmp_path_factory):
-    """The embedded corpus built from the builder tests' fixture packages, with its
-    tokenizer, in a data_dir of its own."""
-    from attn.data import datasets, debian, l10n_translate
-    from configs import l10n
-    from tests import debian_packages as fixtures
-
-    base = tmp_path_factory.mktemp('corpus')
-    manual = base / 'manual'
-    manual.mkdir()
-    for package, files in fixtures.package_files().items():
-        fixtures.write_deb(manual / f'{package}_4%3a7.4-1_all.deb', package, files)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(debian, 'apt_download', fixtures.refuse_download)
-        l10n_translate.prepare('en-de', str(base / 'data'), manual_dir=str(manual))
-    config = l10n.get_config('size=tiny')
-    config.data.data_dir = str(base / 'data')
-    datasets.load(config)  # trains the tokenizer once, before processes share it
-    return str(base / 'data')
 
 
 def _local(workdir, data_dir, processes: int, devices: int) -> dict:

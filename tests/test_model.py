@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attn import attention
-from attn.model import BOS_ID, PAD_ID, LanguageModel, ModelConfig, Transformer, shift_right
+from attn import attention, decode
+from attn.model import (
+    BOS_ID,
+    PAD_ID,
+    ConfigError,
+    LanguageModel,
+    ModelConfig,
+    Transformer,
+    shift_right,
+)
 from tests.test_layers import numpy_layer_norm, numpy_mha
 
 TINY = ModelConfig(
@@ -127,6 +135,31 @@ def test_incremental_decoding_equals_full_forward():
     incremental = np.concatenate([np.asarray(s) for s in steps], axis=1)
     assert np.abs(incremental[0, :4] - full[0, :4]).max() < TOL  # real target positions
     assert np.abs(incremental[1] - full[1]).max() < TOL
+
+
+def test_learned_positions_past_max_len_raise_at_trace_time():
+    """Past the table a gather reads out of bounds (NaN, silently): raise instead."""
+    model = transformer(positions='learned', max_len=8, dropout_rate=0.0)
+    fits = jnp.full((1, 8), 5)
+    assert np.isfinite(np.asarray(nnx.jit(lambda m, x, y: m(x, y))(model, fits, fits))).all()
+    long = jnp.full((1, 9), 5)
+    for source, target in ((long, fits), (fits, long)):
+        with pytest.raises(ConfigError, match=r'9 positions .* model\.max_len=8 rows'):
+            nnx.jit(lambda m, x, y: m(x, y))(model, source, target)
+    lm = LanguageModel(dataclasses.replace(TINY, positions='learned', max_len=8), rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match=r'Raise model\.max_len to at least 9'):
+        lm(long)
+
+
+def test_learned_positions_bound_decoding():
+    """Translation caches the source padded to a power of two plus max_extra_length."""
+    model = transformer(positions='learned', max_len=16, dropout_rate=0.0)
+    inputs = np.array([[5, 6, 7, 8, 3]], np.int32)  # padded to width 8
+    tokens = decode.translate(model, inputs, beam_size=1, max_extra_length=8)  # 8 + 8 = 16
+    assert tokens.shape == (1, 16)
+    for beam_size in (1, 2):
+        with pytest.raises(ConfigError, match=r'decoding caches 17 positions.*max_extra_length'):
+            decode.translate(model, inputs, beam_size=beam_size, max_extra_length=9)
 
 
 def test_dropout_is_random_only_when_training():

@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from attn import checkpoint, restore
+from tests import toy
 
 
 @pytest.fixture
@@ -13,8 +14,7 @@ def trained(toy_run):
 
 
 def saved_params(workdir, step) -> dict[str, np.ndarray]:
-    ckpt = checkpoint.Checkpointer(f'{workdir}/checkpoints', keep=None)
-    return checkpoint.leaves_by_name(ckpt.restore_arrays(step)['params'])
+    return checkpoint.leaves_by_name(toy.saved_params(workdir, step)[1])
 
 
 def model_params(model) -> dict[str, np.ndarray]:
@@ -50,3 +50,31 @@ def test_restore_errors_name_the_fix(tmp_path, trained):
         restore.load(str(tmp_path))
     with pytest.raises(checkpoint.CheckpointError, match=r'there are \[3, 6\]'):
         restore.load(trained, step=4)
+
+
+def test_averaging_holds_the_running_sum_and_one_checkpoint_at_a_time():
+    """Each restored parameter set is dropped before the next is read: never more than the
+    sum and one set alive, whatever the number averaged."""
+    import weakref
+
+    alive = []
+
+    def restore_one(step):  # the trees hold no cycles: refcounting frees them at once
+        held = [ref for ref in alive if ref() is not None]
+        assert len(held) <= 1, f'{len(held)} earlier parameter sets still held at step {step}'
+        tree = {'w': np.full((4, 4), float(step)), 'b': np.full((4,), 2.0 * step)}
+        alive.append(weakref.ref(tree['w']))
+        return tree
+
+    mean = restore.running_mean(restore_one, [1, 2, 3, 4, 5, 6, 7, 8])
+    np.testing.assert_array_equal(mean['w'], np.full((4, 4), 4.5))
+    np.testing.assert_array_equal(mean['b'], np.full((4,), 9.0))
+
+
+def test_reading_a_mistyped_workdir_creates_nothing(tmp_path):
+    missing = tmp_path / 'no-such-run'
+    with pytest.raises(checkpoint.CheckpointError, match='does not exist'):
+        restore.load(str(missing))
+    assert not missing.exists()
+    with pytest.raises(checkpoint.CheckpointError, match='average_last=0'):
+        restore.select_steps([3, 6], None, 0)

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,10 +65,8 @@ def test_two_processes_equal_one_process_of_four_devices():
 
 
 def _params(workdir):
-    state_dir = os.path.join(workdir, 'checkpoints')
-    ckpt = checkpoint.Checkpointer(state_dir, keep=5)
-    step = ckpt.latest_step()
-    return step, jax.tree.leaves(ckpt.restore_arrays(step)['params'])
+    step, params = toy.saved_params(workdir)
+    return step, jax.tree.leaves(params)
 
 
 @pytest.fixture(scope='module')
@@ -86,7 +85,8 @@ def test_train_writes_the_workdir_and_resumes_exactly(toy_data, tmp_path):
     ]
     assert [r['step'] for r in rows if 'split' not in r] == [2, 4, 6]
     assert [r['step'] for r in rows if r.get('split') == 'validation'] == [3, 6]
-    assert np.isfinite(result['perplexity']) and result['perplexity'] > 1
+    assert result.step == 6 and not result.preempted
+    assert np.isfinite(result.validation['perplexity']) and result.validation['perplexity'] > 1
 
     split = str(tmp_path / 'split')
     train.train_and_evaluate(toy.config(total_steps=3), split, toy_data)  # stops at 3
@@ -95,6 +95,22 @@ def test_train_writes_the_workdir_and_resumes_exactly(toy_data, tmp_path):
     step_b, params_b = _params(split)
     assert step_a == step_b == 6
     assert max(float(np.abs(a - b).max()) for a, b in zip(params_a, params_b, strict=True)) == 0.0
+
+
+def test_resume_drops_metrics_logged_past_the_checkpoint(toy_data, tmp_path):
+    """Killed after logging step 6 but before saving it: the rerun from step 3 logs 4-6
+    again, once each."""
+    train.train_and_evaluate(toy.config(), str(tmp_path), toy_data)
+    shutil.rmtree(tmp_path / 'checkpoints' / '6')
+    train.train_and_evaluate(toy.config(), str(tmp_path), toy_data)
+    rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    assert [(r['step'], r.get('split')) for r in rows] == [
+        (2, None),
+        (3, 'validation'),
+        (4, None),
+        (6, None),
+        (6, 'validation'),
+    ]
 
 
 def _toy_run(workdir, tokenizer_dir) -> subprocess.Popen:
@@ -145,8 +161,10 @@ def test_periodic_bleu_on_a_sample(toy_data, tmp_path):
 def test_incompatible_config_is_refused(toy_data, tmp_path):
     workdir = str(tmp_path)
     train.train_and_evaluate(toy.config(total_steps=3), workdir, toy_data)
+    saved = (tmp_path / 'config.json').read_text()
     with pytest.raises(checkpoint.CheckpointError, match=r'has shape .* in the checkpoint but'):
         train.train_and_evaluate(toy.config(**{'model.mlp_dim': 48}), workdir, toy_data)
+    assert (tmp_path / 'config.json').read_text() == saved  # the trained config, not the refused
 
 
 def test_sigterm_saves_and_stops(toy_data, tmp_path, monkeypatch):
@@ -163,11 +181,14 @@ def test_sigterm_saves_and_stops(toy_data, tmp_path, monkeypatch):
     monkeypatch.setattr(sharding, 'global_batch', global_batch_then_sigterm)
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        train.train_and_evaluate(toy.config(checkpoint_every_steps=100), str(tmp_path), toy_data)
+        outcome = train.train_and_evaluate(
+            toy.config(checkpoint_every_steps=100), str(tmp_path), toy_data
+        )
     finally:
         signal.signal(signal.SIGTERM, previous)
     step, _ = _params(str(tmp_path))
     assert step == 2  # saved where it was asked to stop, not at the end (6)
+    assert outcome.step == 2 and outcome.preempted
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(toy_data, tmp_path):

@@ -53,3 +53,25 @@ def config(**overrides):
             node = node[parent]
         node[leaf] = value
     return config
+
+
+def saved_params(workdir, step: int | None = None) -> tuple[int, dict]:
+    """(step, the parameters of checkpoint `step` (default: latest) as saved, on one device)."""
+    import jax
+
+    from attn import checkpoint
+
+    ckpt = checkpoint.Checkpointer(f'{workdir}/checkpoints', keep=None, create=False)
+    step = ckpt.latest_step() if step is None else step
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    params = ckpt.restore_params(step, lambda tree: jax.tree.map(lambda _: device, tree))
+    ckpt.close()
+    return step, params
+
+
+def leaves(params: dict) -> list:
+    """The arrays of a parameter tree, in a fixed order, as NumPy."""
+    import jax
+    import numpy as np
+
+    return [np.asarray(x) for x in jax.tree.leaves(params)]

@@ -19,6 +19,7 @@ import jax
 import tensorflow_datasets as tfds
 from absl import logging
 
+from attn import distributed
 from attn.data import pipeline
 from attn.data import tokenizer as tokenizer_lib
 from attn.errors import UserError
@@ -160,7 +161,7 @@ class Data:
         rows = max(1, config.data.eval_batch_size // jax.process_count())
         local = jax.local_device_count()
         rows = -(-rows // local) * local  # a multiple of this host's devices
-        return pipeline.eval_batches(
+        batches = pipeline.eval_batches(
             self.splits[split or config.data.eval_split],
             self.tokenizer,
             features=self.features,
@@ -168,14 +169,23 @@ class Data:
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
         )
+        for batch in batches:  # hosts pad each side to the widest host's width
+            widths = distributed.agreed_max(pipeline.widths(batch, self.features))
+            yield pipeline.pad_width(batch, self.features, widths)
 
 
 def load(config, splits: Sequence[str] | None = None) -> Data:
-    """Opens (building the embedded corpus if needed) the splits a run reads."""
+    """Opens (building the embedded corpus and tokenizer if needed, on process 0 while the
+    other processes wait) the splits a run reads."""
     splits = {'train', *(splits or [config.data.eval_split])}  # train: the tokenizer's text
-    dataset = builder(config.data)
-    opened = sources(dataset, sorted(splits))
-    tokenizer = load_tokenizer(config, dataset, opened['train'])
+
+    def open_all():
+        dataset = builder(config.data)
+        opened = sources(dataset, sorted(splits))
+        return opened, load_tokenizer(config, dataset, opened['train'])
+
+    # Process 0 builds what is missing (the corpus, the tokenizer); the others then read it.
+    opened, tokenizer = distributed.main_first('attn-data', open_all)
     if tokenizer.vocab_size != config.data.vocab_size:
         raise DataError(
             f'The tokenizer has {tokenizer.vocab_size} pieces but config.data.vocab_size is '

@@ -148,48 +148,44 @@ def eval_batches(
     shard_index: int = 0,
     shard_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Every example of this host's shard exactly once, in order, none dropped for length.
+    """Every example of `source` exactly once, in order, none dropped for length.
+
+    Global batch b holds examples [b * G, (b + 1) * G), G = rows * shard_count; this host
+    takes rows [shard_index * rows, (shard_index + 1) * rows) of it. So the global batches,
+    and every result over them, are the same whatever the number of hosts, and joining the
+    hosts' rows in process order gives back the split's order.
 
     Batches hold one example per row: 'inputs'?, 'targets' [rows, W] right-padded with
-    PAD_ID, W the longest of the batch rounded up to a multiple of 8 (per side), the matching
-    *_segmentation (1 at tokens, 0 at padding) and *_position [rows, W], and 'index' [rows]
-    (example index in `source`, -1 for filler rows). Every host yields the same number of
-    batches (the last ones padded with filler rows), so multi-host evaluation steps line up.
+    PAD_ID, W this host's longest of the batch rounded up to a multiple of 8 (per side; hosts
+    agree on one W with `pad_width`), the matching *_segmentation (1 at tokens, 0 at padding)
+    and *_position [rows, W], and 'index' [rows] (example index in `source`, -1 for filler
+    rows). Every host yields the same number of batches (the last ones may be all filler).
     """
     keys = feature_keys(features)
     _check_shard(shard_index, shard_count)
     if rows < 1:
         raise ValueError(f'rows={rows} must be positive.')
-    ds = grain.MapDataset.source(source).map_with_index(_Indexed(Tokenize(tokenizer, features)))
-    ds = ds[shard_index::shard_count]
-    num_batches = math.ceil(math.ceil(len(source) / shard_count) / rows)
-    batches = ds.batch(rows, batch_fn=_PadRows(keys, rows))
-    fillers = grain.MapDataset.range(num_batches - len(batches)).map(_Filler(keys, rows))
-    batches = grain.MapDataset.concatenate([batches, fillers])
-    return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS)))
+    num_batches = max(1, math.ceil(len(source) / (rows * shard_count)))
+    batch = _EvalBatch(source, Tokenize(tokenizer, features), keys, rows, shard_index, shard_count)
+    ds = grain.MapDataset.range(num_batches).map(batch)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS)))
 
 
-class _Indexed(grain.transforms.MapWithIndex):
-    """Tokenizes and records the example's index in the source."""
+class _EvalBatch(grain.transforms.Map):
+    """Global batch number -> this host's rows of it, each side padded to a multiple of 8."""
 
-    def __init__(self, tokenize: Tokenize):
-        self._tokenize = tokenize
+    def __init__(self, source, tokenize: Tokenize, keys, rows: int, shard: int, shards: int):
+        self._source, self._tokenize, self._keys = source, tokenize, keys
+        self._rows, self._shard, self._shards = rows, shard, shards
 
-    def map_with_index(self, index: int, element: dict[str, Any]) -> dict[str, Any]:
-        return dict(self._tokenize.map(element), index=index)
-
-
-class _PadRows:
-    """Examples -> one batch of `rows` rows, each side padded to a multiple of 8 columns."""
-
-    def __init__(self, keys: tuple[str, ...], rows: int):
-        self._keys, self._rows = keys, rows
-
-    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    def map(self, number: int) -> dict[str, np.ndarray]:
+        first = (number * self._shards + self._shard) * self._rows
+        indices = range(first, min(first + self._rows, len(self._source)))
+        examples = [self._tokenize.map(self._source[i]) for i in indices]
         batch = {'index': np.full((self._rows,), -1, np.int32)}
-        batch['index'][: len(examples)] = [ex['index'] for ex in examples]
+        batch['index'][: len(examples)] = indices
         for key in self._keys:
-            width = max(len(ex[key]) for ex in examples)
+            width = max((len(ex[key]) for ex in examples), default=1)
             width = EVAL_WIDTH_MULTIPLE * max(1, math.ceil(width / EVAL_WIDTH_MULTIPLE))
             tokens = np.full((self._rows, width), PAD_ID, np.int32)  # [B, W]
             for row, ex in enumerate(examples):
@@ -198,17 +194,22 @@ class _PadRows:
         return batch
 
 
-class _Filler:
-    """A batch of `rows` empty rows (index -1), for hosts with fewer examples."""
+def widths(batch: dict[str, np.ndarray], features: tuple[str, ...]) -> list[int]:
+    """The padded width of each side of an evaluation batch."""
+    return [batch[key].shape[1] for key in feature_keys(features)]
 
-    def __init__(self, keys: tuple[str, ...], rows: int):
-        self._keys, self._rows = keys, rows
 
-    def __call__(self, _: int) -> dict[str, np.ndarray]:
-        batch = {'index': np.full((self._rows,), -1, np.int32)}
-        for key in self._keys:
-            batch.update(_unpacked(key, np.zeros((self._rows, EVAL_WIDTH_MULTIPLE), np.int32)))
-        return batch
+def pad_width(
+    batch: dict[str, np.ndarray], features: tuple[str, ...], new_widths
+) -> dict[str, np.ndarray]:
+    """An evaluation batch with each side right-padded to `new_widths` (PAD_ID, segment 0,
+    position 0), e.g. to the widest host's width, so every host's rows join into one array."""
+    out = dict(batch)
+    for key, width in zip(feature_keys(features), new_widths, strict=True):
+        for name, fill in ((key, PAD_ID), (f'{key}_segmentation', 0), (f'{key}_position', 0)):
+            extra = int(width) - batch[name].shape[1]
+            out[name] = np.pad(batch[name], [(0, 0), (0, extra)], constant_values=fill)
+    return out
 
 
 def _unpacked(key: str, tokens: np.ndarray) -> dict[str, np.ndarray]:

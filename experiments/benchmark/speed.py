@@ -4,6 +4,8 @@
         --config.model.dtype=bfloat16 --peak_tflops=989
     python experiments/benchmark/speed.py --config=configs/table3.py:row=base \
         --compare=model.attention=reference            # ratio against a baseline variant
+    python experiments/benchmark/speed.py --config=configs/table3.py:row=base --what=train \
+        --steps=0 --batch=8 --length=128 --compare=sharding=fsdp   # memory per device
     python experiments/benchmark/speed.py --config=configs/l10n.py --what=decode --vocab=8000
 
 Train: batches of --batch x --length tokens per side (default 96 x 256, vocabulary 32768,
@@ -11,7 +13,8 @@ as ANCHORS.md's peer figures), every token real, dropout and label smoothing as 
 config. After --warmup steps, each of --steps steps is timed to completion; the median
 is reported with target tokens/s, TFLOP/s by `attn.summary.forward_flops` x 3 (dense
 attention, logits included), MFU against --peak_tflops per device, the compile time, XLA's
-memory estimate of the step and, on an accelerator, the allocator's peak so far; --steps=0
+memory estimate of the step (per device: with `sharding=fsdp` the train state is split
+over the devices) and, on an accelerator, the allocator's peak so far; --steps=0
 compiles only. Decode: beam search (--beam_size, 1 = greedy) on --decode_batch sentences
 of 30 source tokens forced to exactly 40 target tokens; target tokens/s, median of --runs.
 
@@ -128,6 +131,7 @@ def measure_train(config) -> dict:
     )
     result = {
         'batch': [_BATCH.value, _LENGTH.value],
+        'sharding': config.get('sharding', 'replicated'),  # of the train state
         'compile_s': round(compile_s, 2),
         'xla_flops_vs_formula': _xla_flops_ratio(compiled, flops),
         'xla_memory_gib': _gib(xla_memory_bytes(compiled)),
@@ -176,13 +180,14 @@ def _times(fn, runs: int) -> list[float]:
 
 
 def _xla_flops_ratio(compiled, flops: int) -> float | None:
-    """XLA's own FLOP count of the compiled step over the analytic count (None if absent)."""
+    """XLA's own FLOP count of the compiled step over the analytic count (None if absent).
+    XLA counts one device's share of the SPMD program, so it is scaled by the devices."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, list):  # one entry per program in some JAX versions
         analysis = analysis[0] if analysis else None
     if not analysis or 'flops' not in analysis:
         return None
-    return round(float(analysis['flops']) / flops, 3)
+    return round(float(analysis['flops']) * jax.device_count() / flops, 3)
 
 
 def _gib(value: int | None) -> float | None:
