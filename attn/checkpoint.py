@@ -9,6 +9,7 @@ on 8 GPUs opens on a laptop CPU for analysis.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -19,11 +20,27 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from attn import distributed
 from attn.errors import UserError
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; names the fix."""
+
+
+class _Unreadable(Exception):
+    """A checkpoint step that cannot be read; `Checkpointer.restore` tries an older one."""
+
+
+_STEP_METADATA = '_CHECKPOINT_METADATA'  # Orbax writes it as a save starts and ends
+
+
+def _short(error: BaseException, limit: int = 200) -> str:
+    """'Type: first line of the message', at most `limit` characters."""
+    lines = str(error).strip().splitlines()
+    first = lines[0].split(' See full TensorStore details')[0] if lines else ''
+    text = f'{type(error).__name__}: {first}'.rstrip(': ')
+    return text if len(text) <= limit else text[: limit - 3] + '...'
 
 
 def _abstract(tree: Any) -> Any:
@@ -126,24 +143,97 @@ class Checkpointer:
         logging.info('Saving checkpoint of step %d to %s', step, self.directory)
 
     def restore(self, target_state: Any, data_iterator=None, step: int | None = None) -> Any:
-        """Restores the state onto `target_state`'s shapes and devices (and the iterator)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """Restores the state onto `target_state`'s shapes and devices (and the iterator).
+
+        Without `step`: the newest checkpoint that can be read. One that cannot (a damaged
+        array file, lost metadata, no iterator state) is named in a warning, moved aside to
+        `<step>.unreadable` (kept, never deleted) once an older one has been restored, and
+        the next older one is tried. CheckpointError when none can be read, or when one
+        was written by a different model (that is refused, never skipped).
+        """
+        steps = self.all_steps() if step is None else [step]
+        if not steps:
             raise CheckpointError(f'No checkpoint in {self.directory}.')
+        unreadable: list[tuple[int, str]] = []
+        for candidate in reversed(steps):
+            problem = self._problem(candidate, data_iterator is not None)
+            if problem is None:
+                try:
+                    restored = self._restore(candidate, target_state, data_iterator)
+                except _Unreadable as error:
+                    problem = str(error)
+            if distributed.agreed_max([problem is not None])[0]:  # every host or none
+                problem = problem or 'unreadable on another process'
+                logging.warning(
+                    'Checkpoint %s cannot be read (%s).', self.directory / str(candidate), problem
+                )
+                unreadable.append((candidate, problem))
+                continue
+            if unreadable and step is None:
+                self._set_aside([s for s, _ in unreadable], candidate)
+            logging.info('Restored checkpoint of step %d from %s', candidate, self.directory)
+            return restored['state']
+        reasons = '; '.join(f'{self.directory / str(s)}: {why}' for s, why in unreadable)
+        raise CheckpointError(
+            f'No checkpoint in {self.directory} can be read ({reasons}). Start a new --workdir '
+            '(the unreadable step directories are left as they are).'
+        )
+
+    def _problem(self, step: int, with_data: bool) -> str | None:
+        """Why checkpoint `step` is incomplete, from its files alone (None: it looks whole)."""
+        path = self.directory / str(step)
+        metadata = path / _STEP_METADATA
+        if not metadata.exists():
+            return f'{metadata.name} is missing (Orbax writes it with every checkpoint)'
+        try:
+            json.loads(metadata.read_text())
+        except (OSError, ValueError) as error:
+            return f'{metadata.name} cannot be parsed ({_short(error)})'
+        items = ('state', 'data') if with_data else ('state',)
+        for item in items:
+            if not (path / item).is_dir():
+                return f'its {item}/ is missing'
+        return None
+
+    def _restore(self, step: int, target_state: Any, data_iterator) -> Any:
+        """The items of `step` restored onto `target_state` (and the iterator); _Unreadable
+        when they cannot be read, CheckpointError when they belong to another model."""
         try:
             saved = self.manager.item_metadata(step)['state']
-        except Exception as error:  # noqa: BLE001 - any unreadable checkpoint
-            raise CheckpointError(
-                f'Checkpoint {step} in {self.directory} cannot be read ({error}). Delete that '
-                'step directory to fall back to an earlier one, or start a new --workdir.'
-            ) from error
+        except Exception as error:  # noqa: BLE001 - any unreadable metadata
+            raise _Unreadable(f'its state metadata cannot be read ({_short(error)})') from error
+        if saved is None:
+            raise _Unreadable('its state has no metadata (state/_METADATA)')
         check_compatible(saved, target_state)
         items = {'state': _pytree_restore(_abstract(target_state))}
         if data_iterator is not None:
             items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        logging.info('Restored checkpoint of step %d from %s', step, self.directory)
-        return restored['state']
+        try:  # Orbax reads the arrays only now: a damaged file fails here
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as error:  # noqa: BLE001 - any unreadable array or iterator state
+            raise _Unreadable(_short(error)) from error
+
+    def _set_aside(self, steps: list[int], restored: int) -> None:
+        """Renames the unreadable step directories to `<step>.unreadable` (process 0), so
+        that this run can save those steps again; Orbax lists only numbered directories."""
+        if distributed.is_main():
+            for step in steps:
+                source = self.directory / str(step)
+                target = self.directory / f'{step}.unreadable'
+                suffix = 1
+                while target.exists():
+                    suffix += 1
+                    target = self.directory / f'{step}.unreadable.{suffix}'
+                source.rename(target)
+                logging.warning(
+                    'Moved unreadable checkpoint %s to %s (kept for inspection); resuming from '
+                    'step %d.',
+                    source,
+                    target,
+                    restored,
+                )
+        distributed.barrier('attn-checkpoints-set-aside')
+        self.manager.reload()
 
     def restore_params(self, step: int, shardings) -> Any:
         """The saved parameters of `step` (nested dicts of arrays), and nothing else: the

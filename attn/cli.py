@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import os
+import re
 import sys
+from typing import NoReturn
 
+import jax
 from absl import app, flags
-from ml_collections import config_flags
+from ml_collections import config_dict, config_flags
 
+from attn import configuration
 from attn.errors import UserError
 from attn.model import ConfigError
 
@@ -47,22 +53,126 @@ def define_config_flag() -> None:
         )
 
 
-def config():
-    """The --config value; a usage error when it is missing."""
+def config(validate: bool = True):
+    """The --config value, refused (one line) if it cannot work: its file is missing, or
+    `configuration.validate` fails. That check counts one device, since counting them would
+    start JAX's backend before `jax.distributed`; `train_and_evaluate` checks the real count.
+    `validate=False` for configs that are not `attn.train`'s (the studies in experiments/).
+    A usage error when --config is missing."""
     value = flags.FLAGS.config
     if value is None:
         raise app.UsageError('--config is required, e.g. --config=configs/l10n.py')
+    if not isinstance(value, config_dict.ConfigDict):  # ml_collections defers a failed load
+        try:
+            value.lock()
+        except OSError as error:
+            raise UserError(_unloadable(flags.FLAGS['config'].config_filename, error)) from None
+    if validate:
+        configuration.validate(value, devices=1)
     return value
 
 
 def run(main) -> None:
-    """`absl.app.run(main)`, reporting the user's errors as one line, not a traceback."""
+    """`absl.app.run(main)`, reporting the user's errors as one line, not a traceback: bad
+    flags (a missing config file, a bad :arg, a misspelt --config.field) and the
+    ConfigErrors, UserErrors and non-finite losses that `main` raises."""
 
     def guarded(argv):
         try:
             return main(argv)
         except (ConfigError, UserError) as error:
-            sys.stderr.write(f'error: {error}\n')
-            raise SystemExit(2) from None
+            _fail(error)
+        except FloatingPointError as error:  # attn.train's non-finite loss, naming the fixes
+            if jax.config.jax_debug_nans or jax.config.jax_debug_infs:
+                raise  # the user asked where: keep the traceback
+            _fail(error)
 
-    app.run(guarded)
+    app.run(guarded, flags_parser=_parse_flags)
+
+
+def _fail(message) -> NoReturn:
+    sys.stderr.write(f'error: {" ".join(str(message).split())}\n')  # one line, however wrapped
+    raise SystemExit(2) from None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing; a bad --config is reported by `_fail`, other bad flags too."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, OSError, KeyError, AttributeError) as error:
+        message = _flag_error(error, argv)
+        if message is None:
+            raise  # not the user's settings: a bug, with its traceback
+        _fail(message)
+
+
+def _flag_error(error: BaseException, argv: list[str]) -> str | None:
+    """The one-line message for an error of flag parsing, or None if it is not the user's."""
+    chain = []  # outermost first; ml_collections and absl wrap a config's own error
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for cause in reversed(chain):
+        if isinstance(cause, (ConfigError, UserError)):
+            return str(cause)  # e.g. from configs/common.py's parse_arg
+    argument = _config_argument(argv)
+    if argument is not None and isinstance(chain[-1], OSError):
+        return _unloadable(argument, chain[-1])
+    if isinstance(chain[0], (KeyError, AttributeError)):
+        return _misspelt_override(argv, argument)
+    if isinstance(chain[0], flags.Error) and '\n' not in str(chain[0]):
+        unknown = isinstance(chain[0], flags.UnrecognizedFlagError)
+        return f'{chain[0]}' + (' (--helpfull lists the flags)' if unknown else '')
+    return None
+
+
+def _config_argument(argv: list[str]) -> str | None:
+    """X of --config=X (or --config X) in argv."""
+    for i, arg in enumerate(argv):
+        name, sep, value = arg.lstrip('-').partition('=')
+        if arg.startswith('-') and name == 'config':
+            return value if sep else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
+
+
+def _unloadable(argument: str, error: BaseException) -> str:
+    path = argument.split(':', 1)[0]
+    if os.path.isfile(path):
+        reason = str(error.__cause__ or error).strip().splitlines()
+        return f'--config={argument} could not be loaded: {reason[-1] if reason else error!r}'
+    folder = os.path.dirname(path) or '.'
+    configs = []
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            file = os.path.join(folder, name)
+            if name.endswith('.py') and os.path.isfile(file):
+                with open(file, encoding='utf-8', errors='replace') as f:
+                    if 'def get_config' in f.read():
+                        configs.append(file)
+    where = f'the configs there are {configs}' if configs else f'paths are from {os.getcwd()}'
+    return f'--config={argument}: there is no file {path}; {where}.'
+
+
+def _misspelt_override(argv: list[str], argument: str | None) -> str | None:
+    """'--config.a.b=v: config.a has no field b; did you mean --config.a.c?' for the first
+    override naming a field the config lacks (the config file is loaded again), or None."""
+    if argument is None:
+        return None
+    try:
+        loaded = flags.FLAGS['config'].parser.parse(argument)
+    except Exception:  # noqa: BLE001 - it loaded once; if not now, report the original error
+        return None
+    for arg in argv:
+        match = re.match(r'-{1,2}(?:no)?config\.([^=]+)', arg)
+        node, path = loaded, ['config']
+        for name in match.group(1).split('.') if match else []:
+            where = '.'.join(path)
+            if not isinstance(node, config_dict.ConfigDict):
+                return f'{arg}: {where} is a single value, not a group of fields.'
+            if name not in node:
+                close = difflib.get_close_matches(name, list(node.keys()), n=1)
+                fix = f'did you mean --{where}.{close[0]}?' if close else f'it has {list(node)}.'
+                return f'{arg}: {where} has no field {name!r}; {fix}'
+            node = node[name]
+            path.append(name)
+    return None

@@ -18,7 +18,7 @@ import os
 import time
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from attn import bleu, cli, decode, distributed, restore
@@ -148,12 +148,17 @@ def evaluate(
     return report
 
 
-def write_report(workdir: str, report: dict, name: str) -> str:
-    directory = os.path.join(workdir, 'eval')
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f'{name}.json')
-    with open(path, 'w', encoding='utf-8') as f:
-        json.dump(report, f, indent=1, ensure_ascii=False)
+def write_report(workdir: str, report: dict, name: str) -> str | None:
+    """Writes W/eval/<name>.json; its path, or None (after a warning naming it) when it
+    cannot be written: the report is printed all the same."""
+    path = os.path.join(workdir, 'eval', f'{name}.json')
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, 'w', encoding='utf-8') as f:
+            json.dump(report, f, indent=1, ensure_ascii=False)
+    except OSError as error:
+        logging.warning('Cannot write the report to %s (%s); printing it only.', path, error)
+        return None
     return path
 
 

@@ -20,7 +20,7 @@ import optax
 from flax import nnx, struct
 
 from attn import sharding
-from attn.model import PAD_ID, ConfigError, build_model, logits_from
+from attn.model import MODELS, PAD_ID, ConfigError, build_model, logits_from
 
 # ------------------------------------------------------------------------------- loss
 
@@ -154,6 +154,13 @@ class StepConfig:
     loss_chunk: int = 0  # > 0: logits and loss this many target positions at a time
 
     def __post_init__(self):
+        if self.kind not in MODELS:
+            raise ConfigError(f'config.model_kind={self.kind!r} is not one of {sorted(MODELS)}.')
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(
+                f'config.label_smoothing={self.label_smoothing!r} must be in [0, 1): the weight '
+                "of the uniform distribution in each target (0 = none; the paper's 0.1, §5.4)."
+            )
         if not isinstance(self.grad_accum_steps, int) or self.grad_accum_steps < 1:
             raise ConfigError(
                 f'config.grad_accum_steps={self.grad_accum_steps!r} must be an integer >= 1 '

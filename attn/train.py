@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import threading
+from typing import Any
 
 import jax
 import numpy as np
@@ -25,6 +26,7 @@ from attn import metrics as metrics_lib
 from attn import step as step_lib
 from attn import workdir as workdir_lib
 from attn.data import datasets
+from attn.errors import UserError
 
 # ------------------------------------------------------------------------------- loop
 
@@ -79,10 +81,23 @@ class _Reporter:
     state never follows a non-finite loss.
     """
 
-    def __init__(self, workdir: str, start: int, total: int, schedule: optax.Schedule):
+    def __init__(
+        self,
+        workdir: str,
+        start: int,
+        total: int,
+        schedule: optax.Schedule,
+        *,
+        dtype: str | None = None,
+        grad_clip_norm: float | None = None,
+    ):
+        """`dtype` (model.dtype) and `grad_clip_norm` (optimizer.grad_clip_norm) choose
+        the fixes a non-finite loss suggests; None: unknown, so suggest them."""
         self.writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
         self.progress = metrics_lib.Progress(start, total)
         self.schedule = schedule
+        self.dtype = dtype
+        self.grad_clip_norm = grad_clip_norm
         self.pending: list[dict] = []
 
     def add(self, step: int, step_metrics: dict) -> None:
@@ -95,11 +110,17 @@ class _Reporter:
         rows, self.pending = jax.device_get(self.pending), []
         losses = np.array([row['loss'] for row in rows])
         if not np.isfinite(losses).all():
+            fixes = ['a lower optimizer.lr_scale', 'a longer optimizer.warmup_steps']
+            if not self.grad_clip_norm:  # 0 = no clipping
+                fixes.append('optimizer.grad_clip_norm > 0 (e.g. 1.0)')
+            else:
+                fixes.append(f'a lower optimizer.grad_clip_norm (now {self.grad_clip_norm})')
+            if self.dtype != 'float32':
+                fixes.append('model.dtype="float32"')
             raise FloatingPointError(
                 f'Non-finite training loss ({losses[~np.isfinite(losses)][0]}) within the '
                 f'{len(rows)} steps up to {step}; stopping. The last checkpoint in the workdir '
-                'predates it. Try a lower optimizer.lr_scale, optimizer.grad_clip_norm > 0, '
-                'or model.dtype="float32".'
+                f'predates it. Try {", ".join(fixes[:-1])} or {fixes[-1]}.'
             )
         if write:
             scalars = {
@@ -133,35 +154,126 @@ def _sample_bleu(config, data: datasets.Data, model, mesh) -> dict[str, float]:
 @dataclasses.dataclass
 class Outcome:
     """How a training run ended: the step reached, the last validation metrics, and
-    whether it stopped early for a preemption or Ctrl-C (then it saved that step)."""
+    whether it stopped early for a preemption or Ctrl-C (then it saved that step), or
+    found the run already finished (then it did nothing)."""
 
     step: int
     validation: dict[str, float]
     preempted: bool = False
+    already_finished: bool = False
+
+
+# What a checkpoint's data and tokenizer are made of: resuming with any other value would
+# read the saved embeddings with another vocabulary.
+DATA_FIELDS = ('name', 'config', 'vocab_size', 'source_lang', 'target_lang')
 
 
 def train_and_evaluate(config, workdir: str, data: datasets.Data | None = None) -> Outcome:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint if any."""
-    mesh = sharding.make_mesh()
-    data = data or datasets.load(config)
-    train_iter = data.train_iterator(config)
+    """Trains `config` in `workdir`, resuming from its newest readable checkpoint if any."""
+    configuration.validate(config)  # every setting, against this run's devices
+    with workdir_lib.locked(workdir):  # one trainer per workdir; released however it ends
+        ckpt = checkpoint.Checkpointer(
+            workdir_lib.checkpoints(workdir), keep=config.keep_checkpoints
+        )
+        try:
+            _check_resumable(config, workdir, ckpt)  # before any tokenizer or data is built
+            mesh = sharding.make_mesh()
+            data = data or datasets.load(config)
+            train_iter = data.train_iterator(config)
+            cfg = configuration.model_config(config)
+            graphdef, rest, state, train, evaluate, rng = step_lib.setup(config, cfg, mesh)
+            if ckpt.latest_step() is not None:
+                workdir_lib.check_tokenizer(workdir, data.tokenizer)
+                state = ckpt.restore(state, train_iter)
+            if int(state.step) == config.total_steps:
+                logging.warning(
+                    'already finished at step %d; nothing to do (python -m attn.evaluate '
+                    '--workdir=%s scores it).',
+                    int(state.step),
+                    workdir,
+                )
+                return Outcome(step=int(state.step), validation={}, already_finished=True)
+            # Only once the checkpoint has accepted them:
+            workdir_lib.write_config(workdir, config)
+            workdir_lib.write_tokenizer(workdir, data.tokenizer)
+            reporter = _reporter(config, cfg, workdir, int(state.step))
+            steps = _Steps(graphdef, rest, train, evaluate, rng)
+            return _loop(config, data, train_iter, mesh, ckpt, steps, state, reporter)
+        finally:
+            ckpt.close()
 
-    cfg = configuration.model_config(config)
-    graphdef, rest, state, train, evaluate, rng = step_lib.setup(config, cfg, mesh)
-    ckpt = checkpoint.Checkpointer(workdir_lib.checkpoints(workdir), keep=config.keep_checkpoints)
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(state, train_iter)
-    workdir_lib.write_config(workdir, config)  # only once the checkpoint has accepted it
 
+def _check_resumable(config, workdir: str, ckpt: checkpoint.Checkpointer) -> None:
+    """Refuses (UserError) to resume a checkpoint past config.total_steps, or one trained on
+    other data (`DATA_FIELDS` of the config saved with the newest checkpoint, else of
+    W/config.json), naming the field and both values."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return
+    if latest > config.total_steps:
+        raise UserError(
+            f'{ckpt.directory} holds a checkpoint of step {latest}, past total_steps='
+            f'{config.total_steps}. Raise --config.total_steps above {latest} to continue '
+            'training it, or use a new --workdir.'
+        )
+    saved = _saved_config(ckpt) or workdir_lib.saved_config(workdir)
+    saved_data = (saved or {}).get('data') or {}
+    for field in DATA_FIELDS:
+        if field == 'source_lang' and config.model_kind == 'lm':
+            continue  # a language model reads the target side only
+        if field in saved_data and saved_data[field] != config.data.get(field):
+            raise UserError(
+                f'data.{field} is {config.data.get(field)!r}, but the checkpoints in '
+                f'{ckpt.directory} were trained with {saved_data[field]!r}. Pass '
+                f'--config.data.{field}={saved_data[field]!r} to resume them, or use a new '
+                '--workdir.'
+            )
+
+
+def _saved_config(ckpt: checkpoint.Checkpointer) -> dict | None:
+    """The config saved with the newest checkpoint whose config can be read."""
+    for step in reversed(ckpt.all_steps()):
+        try:
+            return ckpt.restore_config(step)
+        except Exception:  # noqa: BLE001, S112 - a damaged one: try the one before
+            continue
+    return None
+
+
+def _reporter(config, cfg, workdir: str, start: int) -> _Reporter:
     schedule = step_lib.learning_rate_schedule(
         cfg.emb_dim, config.optimizer.warmup_steps, config.optimizer.lr_scale
     )
+    return _Reporter(
+        workdir,
+        start,
+        config.total_steps,
+        schedule,
+        dtype=cfg.dtype,
+        grad_clip_norm=config.optimizer.get('grad_clip_norm'),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Steps:
+    """What `step_lib.setup` gives besides the state."""
+
+    graphdef: Any
+    rest: Any
+    train: Any
+    evaluate: Any
+    rng: Any
+
+
+def _loop(config, data, train_iter, mesh, ckpt, steps: _Steps, state, reporter) -> Outcome:
+    """Steps from state.step to config.total_steps: logs, evaluates and checkpoints on the
+    config's schedule, and saves and stops at a preemption or Ctrl-C."""
     preemption = _Preemption(ckpt)
-    reporter = _Reporter(workdir, int(state.step), config.total_steps, schedule)
     outcome = Outcome(step=int(state.step), validation={})
     try:
         for step in range(int(state.step) + 1, config.total_steps + 1):
-            state, step_metrics = train(state, sharding.global_batch(mesh, next(train_iter)), rng)
+            batch = sharding.global_batch(mesh, next(train_iter))
+            state, step_metrics = steps.train(state, batch, steps.rng)
             reporter.add(step, step_metrics)
             outcome.step = step
             last = step == config.total_steps
@@ -177,11 +289,11 @@ def train_and_evaluate(config, workdir: str, data: datasets.Data | None = None) 
                 break
             if last or step % config.eval_every_steps == 0:
                 outcome.validation = step_lib.evaluate_loss(
-                    evaluate, state.params, data.eval_batches(config), mesh
+                    steps.evaluate, state.params, data.eval_batches(config), mesh
                 )
                 reporter.write_eval(step, config.data.eval_split, outcome.validation)
             if config.bleu_every_steps and step % config.bleu_every_steps == 0:
-                model = nnx.merge(graphdef, state.params, rest)
+                model = nnx.merge(steps.graphdef, state.params, steps.rest)
                 scores = _sample_bleu(config, data, model, mesh)
                 if scores:
                     reporter.write_eval(step, config.data.eval_split, scores)
@@ -208,6 +320,8 @@ def main(argv):
     report = {'step': outcome.step, config.data.eval_split: outcome.validation}
     if outcome.preempted:
         report['preempted'] = True
+    elif outcome.already_finished:
+        report['already_finished'] = True
     elif config.bleu_at_end and config.model_kind == 'transformer':
         report[config.data.test_split] = evaluate_lib.evaluate(
             FLAGS.workdir, split=config.data.test_split

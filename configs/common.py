@@ -7,6 +7,7 @@ for CPU tests and the embedded-corpus quickstart.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 
 from ml_collections import config_dict
 
@@ -21,6 +22,10 @@ SIZES = {
 }
 
 
+# Values of a boolean config argument ('runlocal=false'); a bare 'runlocal' is True.
+_BOOLEANS = {'1': True, 'true': True, 'yes': True, '0': False, 'false': False, 'no': False}
+
+
 def parse_arg(arg: str | None, **defaults) -> config_dict.ConfigDict:
     """Parses a config argument 'key=value,flag' against typed defaults.
 
@@ -31,16 +36,32 @@ def parse_arg(arg: str | None, **defaults) -> config_dict.ConfigDict:
     for item in filter(None, (arg or '').split(',')):
         key, sep, value = item.partition('=')
         if key not in defaults:
-            raise ConfigError(f'Unknown config argument {key!r}; known: {sorted(defaults)}.')
+            close = difflib.get_close_matches(key, defaults, n=1)
+            hint = f' Did you mean {close[0]}?' if close else ''
+            raise ConfigError(f'Unknown config argument {key!r}; known: {sorted(defaults)}.{hint}')
         default = defaults[key]
         if not sep:
             if not isinstance(default, bool):
-                raise ConfigError(f'Config argument {key!r} needs a value: {key}=...')
+                raise ConfigError(
+                    f'Config argument {key!r} needs a value: {key}=... (default {default!r}).'
+                )
             parsed[key] = True
         elif isinstance(default, bool):
-            parsed[key] = value.lower() in ('1', 'true', 'yes')
+            if value.lower() not in _BOOLEANS:
+                raise ConfigError(
+                    f'Config argument {key}={value!r} is not a boolean: write {key} '
+                    f'(or {key}=true) or {key}=false.'
+                )
+            parsed[key] = _BOOLEANS[value.lower()]
         else:
-            parsed[key] = type(default)(value)
+            try:
+                parsed[key] = type(default)(value)
+            except ValueError:
+                kind = {int: 'an integer', float: 'a number'}.get(type(default), 'of its type')
+                raise ConfigError(
+                    f'Config argument {key}={value!r} must be {kind}, e.g. {key}={default!r} '
+                    '(the default).'
+                ) from None
     return config_dict.ConfigDict(parsed)
 
 

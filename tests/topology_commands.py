@@ -26,7 +26,7 @@ def run_all(workdir: str, out: str) -> dict:
     data = datasets.load(run.config, ['test'])
     sources = [data.splits['test'][i]['en'].decode() for i in range(len(data.splits['test']))]
     translations = translate.translate_lines(
-        run, data.tokenizer, sources, batch_size=3, beam_size=2, alpha=0.6, max_input_tokens=32
+        run, data.tokenizer, sources, batch_size=3, beam_size=4, alpha=0.6, max_input_tokens=32
     )
     batch = analyze.sentence_batch(data, run.config, 'test', 4)  # attn.analyze's numbers
     importance = analysis.head_importance(run.model, batch, 'transformer')

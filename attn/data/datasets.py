@@ -9,8 +9,10 @@ machine with internet; here they are only read, never downloaded.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import os
+import re
 import socket
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -103,8 +105,26 @@ def builder(data_config, *, prepare: bool = False) -> tfds.core.DatasetBuilder:
 
 
 def sources(dataset: tfds.core.DatasetBuilder, splits: Sequence[str]) -> dict[str, Any]:
-    """Random-access array_record sources for `splits`."""
-    return {split: dataset.as_data_source(split=split) for split in splits}
+    """Random-access array_record sources for `splits` (names, or TFDS split specs such as
+    'validation[:100]'); a DataError naming the dataset's splits for one it lacks."""
+    name = dataset.info.full_name
+    available = sorted(dataset.info.splits)  # empty under tfds.testing.mock_data
+    fix = (
+        f'its splits are {available}: pass one as attn.evaluate --split=... or as '
+        'config.data.eval_split / config.data.test_split.'
+    )
+    opened = {}
+    for split in splits:
+        if available and re.fullmatch(r'\w+', split) and split not in available:
+            close = difflib.get_close_matches(split, available, n=1)
+            hint = f' (did you mean {close[0]!r}?)' if close else ''
+            raise DataError(f'There is no split {split!r} in {name}{hint}; {fix}')
+        try:
+            opened[split] = dataset.as_data_source(split=split)
+        except ValueError as error:  # TFDS: a slice or sum of splits it cannot read
+            reason = str(error).strip().splitlines()[0].rstrip('.')
+            raise DataError(f'Split {split!r} of {name}: {reason}; {fix}') from error
+    return opened
 
 
 def load_tokenizer(

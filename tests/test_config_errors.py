@@ -1,0 +1,232 @@
+"""Every bad setting is refused before anything builds or trains: `configuration.validate`
+in-process, and through the commands one line on stderr (`error: ...`) naming the field,
+a non-zero exit status and no traceback."""
+
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import jax
+import pytest
+import tensorflow_datasets as tfds
+
+from attn import configuration
+from attn import train as train_lib
+from attn.data import datasets
+from attn.model import ConfigError
+from configs import l10n
+from tests.test_configs import ALL, load
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def tiny(**fields):
+    """configs/l10n.py:size=tiny with dotted `fields` set."""
+    config = l10n.get_config('size=tiny')
+    for key, value in fields.items():
+        node = config
+        *parents, leaf = key.split('.')
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+@pytest.mark.parametrize('name,arg', ALL, ids=[f'{n}:{a}' for n, a in ALL])
+def test_every_config_validates(name, arg):
+    config = load(name, arg)
+    configuration.validate(config)  # this session's devices
+    configuration.validate(config, devices=8)  # an 8-GPU host
+
+
+@pytest.mark.parametrize(
+    'fields,match',
+    [
+        (
+            dict(checkpoint_every_steps=0),
+            r'config.checkpoint_every_steps=0 must be an integer >= 1',
+        ),
+        (dict(eval_every_steps=-5), r'config.eval_every_steps=-5 must be an integer >= 1'),
+        (dict(log_every_steps=0), r'config.log_every_steps=0 must be an integer >= 1'),
+        (dict(total_steps=0), r'config.total_steps=0 leaves nothing to train'),
+        (dict(total_steps=-1), r'config.total_steps=-1 leaves nothing to train'),
+        ({'optimizer.warmup_steps': 0}, r'config.optimizer.warmup_steps=0 .*divides by it'),
+        (dict(label_smoothing=1.0), r'config.label_smoothing=1.0 must be in \[0, 1\)'),
+        (dict(label_smoothing=-0.1), r'config.label_smoothing=-0.1 must be in \[0, 1\)'),
+        (dict(keep_checkpoints=0), r'config.keep_checkpoints=0 .*keep at least 1'),
+        (dict(grad_accum_steps=0), r'config.grad_accum_steps=0 must be an integer >= 1'),
+        (dict(loss_chunk=-1), r'config.loss_chunk=-1 must be an integer >= 0'),
+        (dict(bleu_every_steps=-1), r'config.bleu_every_steps=-1 must be an integer >= 0'),
+        (dict(bleu_examples=0), r'config.bleu_examples=0 must be an integer >= 1'),
+        ({'data.eval_batch_size': 0}, r'config.data.eval_batch_size=0 must be an integer >= 1'),
+        ({'data.tokens_per_batch': 0}, r'config.data.tokens_per_batch=0 must be an integer >= 1'),
+        (
+            {'data.tokens_per_batch': 31},
+            r'tokens_per_batch=31 fills 0.97 rows of config.data.max_length=32',
+        ),
+        ({'data.max_length': 0}, r'config.data.max_length=0 must be an integer >= 1'),
+        ({'decode.beam_size': 0}, r'config.decode.beam_size=0 must be an integer >= 1'),
+        (dict(sharding='zero3'), r"config.sharding='zero3' is not one of \('replicated', 'fsdp'\)"),
+        (dict(model_kind='encoder'), r"config.model_kind='encoder' is not one of"),
+        ({'model.num_heads': 3}, r'model.num_heads=3 does not divide model.emb_dim=32'),
+        ({'model.dropout_rate': 1.0}, r'model.dropout_rate=1.0 must be in \[0, 1\)'),
+    ],
+)
+def test_validate_names_the_field_and_the_fix(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        configuration.validate(tiny(**fields))
+
+
+def test_validate_checks_the_batch_against_the_devices():
+    """One row of max_length per device, the condition `pipeline.batch_rows` raises on."""
+    config = tiny(**{'data.tokens_per_batch': 64, 'data.max_length': 32})  # 2 rows
+    configuration.validate(config, devices=2)
+    with pytest.raises(ConfigError, match=r'tokens_per_batch=64 fills 2.00 rows of config.data'):
+        configuration.validate(config, devices=4)
+    with pytest.raises(ConfigError, match=r'per device \(4 devices\): raise .* at least 128, or'):
+        configuration.validate(config, devices=4)
+    if jax.device_count() > 1:  # default: this session's devices
+        config.data.tokens_per_batch = 32
+        with pytest.raises(ConfigError, match=rf'\({jax.device_count()} devices\)'):
+            configuration.validate(config)
+
+
+def test_keep_checkpoints_none_keeps_every_checkpoint():
+    configuration.validate(tiny(keep_checkpoints=None))
+
+
+@pytest.mark.parametrize(
+    'arg,match',
+    [
+        ('runlocal=maybe', r"runlocal='maybe' is not a boolean: write runlocal .* runlocal=false"),
+        ('seed=x', r"seed='x' must be an integer, e.g. seed=0"),
+        ('shrink=1.5', r"shrink='1.5' must be an integer"),
+        ('rw=A1', r"Unknown config argument 'rw'.* Did you mean row\?"),
+        ('row=Z9', r"row='Z9' is not one of"),
+    ],
+)
+def test_bad_config_argument_names_it(arg, match):
+    with pytest.raises(ConfigError, match=match):
+        load('table3', arg)
+
+
+def test_boolean_config_arguments():
+    assert load('l10n', 'runlocal=false').total_steps == load('l10n', '').total_steps
+    assert load('l10n', 'runlocal=True').total_steps == load('l10n', 'runlocal').total_steps
+
+
+@pytest.fixture(scope='module')
+def dummy_dataset(tmp_path_factory):
+    """TFDS's 3-example `dummy_dataset` (a train split only), prepared as array_record."""
+    directory = tmp_path_factory.mktemp('dummy_dataset')
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, 'tempdir', str(directory))  # TFDS leaves a folder there
+        builder = tfds.testing.DummyDataset(data_dir=str(directory), file_format='array_record')
+        builder.download_and_prepare(file_format='array_record')
+    return builder
+
+
+def test_unknown_split_names_the_available_ones(dummy_dataset):
+    assert len(datasets.sources(dummy_dataset, ['train'])['train']) == 3
+    with pytest.raises(datasets.DataError, match=r"no split 'tset' .*splits are \['train'\]"):
+        datasets.sources(dummy_dataset, ['tset'])
+    with pytest.raises(datasets.DataError, match=r"'tain' .*did you mean 'train'"):
+        datasets.sources(dummy_dataset, ['tain'])
+    with pytest.raises(datasets.DataError, match=r"Split 'train\+test' .*Unknown split 'test'"):
+        datasets.sources(dummy_dataset, ['train+test'])
+
+
+def _nan_message(tmp_path, **known) -> str:
+    reporter = train_lib._Reporter(str(tmp_path), 0, 10, lambda step: 1e-3, **known)
+    reporter.add(1, {'loss': 1.0})
+    reporter.add(2, {'loss': math.nan})
+    with pytest.raises(FloatingPointError, match='Non-finite training loss') as raised:
+        reporter.flush(2, write=True)
+    reporter.close()
+    return str(raised.value)
+
+
+def test_non_finite_loss_suggests_only_what_applies(tmp_path):
+    message = _nan_message(tmp_path / 'a', dtype='float32', grad_clip_norm=1.0)
+    assert 'model.dtype' not in message and 'grad_clip_norm > 0' not in message
+    assert 'optimizer.lr_scale' in message and 'grad_clip_norm (now 1.0)' in message
+    message = _nan_message(tmp_path / 'b', dtype='bfloat16', grad_clip_norm=0.0)
+    assert 'model.dtype="float32"' in message and 'grad_clip_norm > 0' in message
+    message = _nan_message(tmp_path / 'c')  # not told: suggests both
+    assert 'model.dtype="float32"' in message and 'grad_clip_norm > 0' in message
+    assert '\n' not in message and 'within the 2 steps up to 2' in message
+
+
+# ------------------------------------------------------------------------- commands
+
+
+def _command(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+    )
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, *names: str) -> str:
+    assert result.returncode != 0, result.stderr
+    assert 'Traceback' not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith('error: '), result.stderr
+    for name in names:
+        assert name in lines[-1], lines[-1]
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    'args,names',
+    [
+        (['--config=configs/nope.py'], ['configs/nope.py', 'configs/l10n.py']),
+        (['--config=configs/l10n.py:size=tiny', '--config.model.num_head=3'], ['model.num_heads']),
+        (['--config=configs/l10n.py:size=huge'], ["size='huge'", "'tiny'"]),
+        (['--config=configs/table3.py:row=Z9'], ["row='Z9'", "'A1'"]),
+        (['--config=configs/l10n.py:runlocal=maybe'], ["runlocal='maybe'"]),
+        (['--config=configs/table3.py:seed=x'], ["seed='x'", 'integer']),
+        (['--config=configs/l10n.py:size=tiny', '--config.total_steps=0'], ['total_steps=0']),
+    ],
+    ids=['no-file', 'misspelt-field', 'size', 'row', 'runlocal', 'seed', 'total_steps'],
+)
+def test_summary_refuses_a_bad_config_in_one_line(args, names):
+    result = _command('-m', 'attn.summary', *args)
+    _assert_one_line_error(result, *names)
+    assert result.stdout == ''
+
+
+def test_train_refuses_before_touching_the_workdir(tmp_path):
+    workdir = tmp_path / 'run'
+    result = _command(
+        '-m',
+        'attn.train',
+        f'--workdir={workdir}',
+        '--config=configs/l10n.py:size=tiny',
+        '--config.keep_checkpoints=0',
+    )
+    _assert_one_line_error(result, 'config.keep_checkpoints=0', 'keep at least 1')
+    assert not workdir.exists()
+
+
+def test_a_non_finite_loss_and_a_missing_split_are_one_line(dummy_dataset, tmp_path):
+    """What `attn.train` raises on a non-finite loss and `attn.evaluate` on an unknown split
+    come out of `cli.run` as one line."""
+    nan = (
+        'import sys; from attn import cli; sys.argv = ["attn"]\n'
+        'def main(argv): raise FloatingPointError("Non-finite training loss (nan) ... Try x.")\n'
+        'cli.run(main)'
+    )
+    _assert_one_line_error(_command('-c', nan), 'Non-finite training loss')
+    data_dir = dummy_dataset.data_dir_root
+    split = (
+        'import sys; import tensorflow_datasets as tfds; from attn import cli\n'
+        'from attn.data import datasets; sys.argv = ["attn"]\n'
+        f'b = tfds.testing.DummyDataset(data_dir={str(data_dir)!r}, file_format="array_record")\n'
+        'cli.run(lambda argv: datasets.sources(b, ["tset"]))'
+    )
+    # TMPDIR: TFDS leaves a folder there for each builder.
+    result = _command('-c', split, env=os.environ | {'TMPDIR': str(tmp_path)})
+    _assert_one_line_error(result, "split 'tset'", "['train']")

@@ -1,0 +1,326 @@
+"""Fail clearly, lose nothing: one trainer per workdir, resumes that refuse other data or a
+finished run, damaged checkpoints skipped (and kept), unwritable paths named, Ctrl-C saves.
+
+Each case works on its own copy of the session's toy run (checkpoints 3 and 6)."""
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from attn import checkpoint, evaluate, sharding, train
+from attn import workdir as workdir_lib
+from attn.data import datasets
+from attn.errors import UserError
+from tests import toy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def run(toy_run, tmp_path):
+    """(a copy of the toy run's workdir, its data)."""
+    workdir, data = toy_run
+    copied = tmp_path / 'workdir'
+    shutil.copytree(workdir, copied)
+    return copied, data
+
+
+@pytest.fixture
+def sleeper():
+    """A live process of this host (its pid holds a lock in these tests)."""
+    process = subprocess.Popen(['sleep', '120'])
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+def _hashes(directory: pathlib.Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob('*'))
+        if p.is_file()
+    }
+
+
+def _write_lock(workdir: pathlib.Path, host: str, pid: int) -> str:
+    text = json.dumps({'host': host, 'pid': pid, 'since': '2031-01-02T03:04:05+00:00'})
+    (workdir / '.lock').write_text(text)
+    return text
+
+
+def _counting_batches(monkeypatch, each=None) -> list:
+    """Counts the training steps run (and calls `each(n)` at the n-th, from 1)."""
+    calls = []
+    global_batch = sharding.global_batch
+
+    def counted(mesh, batch):
+        calls.append(1)
+        if each is not None:
+            each(len(calls))
+        return global_batch(mesh, batch)
+
+    monkeypatch.setattr(sharding, 'global_batch', counted)
+    return calls
+
+
+def _warnings(caplog) -> str:
+    return '\n'.join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+# ------------------------------------------------------------------ 1. one trainer per workdir
+
+
+def test_a_second_trainer_is_refused_naming_the_holder(run, sleeper):
+    workdir, data = run
+    lock = _write_lock(workdir, socket.gethostname(), sleeper)
+    before = _hashes(workdir)
+    with pytest.raises(workdir_lib.WorkdirError) as error:
+        train.train_and_evaluate(toy.config(total_steps=9), str(workdir), data)
+    message = str(error.value)
+    assert f'pid {sleeper}' in message and socket.gethostname() in message
+    assert '2031-01-02T03:04:05' in message and 'Wait' in message and 'delete' in message
+    assert (workdir / '.lock').read_text() == lock  # the holder keeps its lock
+    assert _hashes(workdir) == before
+
+
+def test_a_lock_of_another_host_is_refused(run):
+    workdir, data = run
+    _write_lock(workdir, 'node-elsewhere', 4242)
+    with pytest.raises(workdir_lib.WorkdirError, match=r'another host.*node-elsewhere.*delete'):
+        train.train_and_evaluate(toy.config(), str(workdir), data)
+    assert (workdir / '.lock').exists()
+
+
+def test_a_stale_lock_is_taken_over_and_released(run, caplog):
+    workdir, data = run
+    gone = subprocess.Popen(['true'])
+    gone.wait()
+    _write_lock(workdir, socket.gethostname(), gone.pid)
+    outcome = train.train_and_evaluate(toy.config(), str(workdir), data)  # finished: no steps
+    assert outcome.already_finished
+    assert f'left by process {gone.pid}, which has exited' in _warnings(caplog)
+    assert not (workdir / '.lock').exists()
+
+
+# --------------------------------------------------------- 2. resuming with other data or vocab
+
+
+@pytest.mark.parametrize(
+    'field, value',
+    [
+        ('data.config', 'en-fr'),
+        ('data.name', 'wmt14_translate'),
+        ('data.vocab_size', 8000),
+        ('data.source_lang', 'fr'),
+    ],
+)
+def test_resume_with_other_data_is_refused_before_any_data_is_built(run, monkeypatch, field, value):
+    workdir, _ = run
+
+    def never(*args, **kwargs):
+        raise AssertionError('data built before the refusal')
+
+    monkeypatch.setattr(datasets, 'load', never)
+    before = _hashes(workdir)
+    with pytest.raises(UserError) as error:
+        train.train_and_evaluate(toy.config(**{field: value}), str(workdir))
+    saved = json.loads((workdir / 'config.json').read_text())['data'][field.split('.')[1]]
+    assert f'{field} is {value!r}' in str(error.value) and repr(saved) in str(error.value)
+    assert _hashes(workdir) == before
+
+
+def test_resume_with_another_tokenizer_is_refused(run):
+    workdir, data = run
+    other = copy.copy(data.tokenizer)
+    other.id_to_piece = lambda i: 'x' if i == 7 else data.tokenizer.id_to_piece(i)
+    before = _hashes(workdir)
+    with pytest.raises(workdir_lib.WorkdirError, match='another tokenizer'):
+        train.train_and_evaluate(
+            toy.config(total_steps=9),
+            str(workdir),
+            datasets.Data(other, data.features, data.splits),
+        )
+    assert _hashes(workdir) == before
+
+
+# ------------------------------------------------------------------ 3. finished, or past the end
+
+
+def test_a_finished_run_does_nothing(run, monkeypatch, caplog):
+    workdir, data = run
+    calls = _counting_batches(monkeypatch)
+    before = _hashes(workdir)
+    outcome = train.train_and_evaluate(toy.config(), str(workdir), data)
+    assert outcome.step == 6 and outcome.already_finished and not calls
+    assert 'already finished at step 6; nothing to do' in _warnings(caplog)
+    assert _hashes(workdir) == before
+
+
+def test_a_checkpoint_past_total_steps_is_refused(run):
+    workdir, data = run
+    with pytest.raises(UserError, match=r'step 6, past total_steps=4.*above 6.*new --workdir'):
+        train.train_and_evaluate(toy.config(total_steps=4), str(workdir), data)
+
+
+def _cli(workdir, tokenizer_dir, *flags) -> subprocess.CompletedProcess:
+    """`python -m attn.train` of the toy model, with `datasets.load` giving the toy data."""
+    script = (
+        'from attn import train; from attn.data import datasets; from tests import toy; '
+        f'datasets.load = lambda config, splits=None: toy.data({str(tokenizer_dir)!r}); '
+        'train.run()'
+    )
+    argv = ['--config=configs/l10n.py:size=tiny', f'--config.data.vocab_size={toy.VOCAB_SIZE}']
+    return subprocess.run(
+        [sys.executable, '-c', script, *argv, f'--workdir={workdir}', *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_command_reports_a_finished_run_and_refuses_one_past_its_end(run):
+    workdir, data = run
+    tokenizers = data.tokenizer.path.parent.parent
+    finished = _cli(workdir, tokenizers, '--config.total_steps=6')
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    report = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert report['step'] == 6 and report['already_finished']
+    assert 'already finished at step 6; nothing to do' in finished.stderr
+
+    past = _cli(workdir, tokenizers, '--config.total_steps=4')
+    assert past.returncode != 0 and 'Traceback' not in past.stderr
+    errors = [line for line in past.stderr.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and 'past total_steps=4' in errors[0], past.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------ 4. damaged checkpoints
+
+
+def _truncate_arrays(step: pathlib.Path) -> None:
+    files = [p for p in (step / 'state').rglob('*') if p.is_file() and p.parent.name == 'd']
+    assert files
+    for path in files:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = {
+    'truncated arrays': _truncate_arrays,
+    'no _CHECKPOINT_METADATA': lambda step: (step / '_CHECKPOINT_METADATA').unlink(),
+    'no state metadata': lambda step: (step / 'state' / '_METADATA').unlink(),
+    'no iterator state': lambda step: shutil.rmtree(step / 'data'),
+}
+
+
+# A failed TensorStore read can leave a callback for Orbax's closed event loop: noise only.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+@pytest.mark.parametrize('damage', list(DAMAGES))
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(
+    run, toy_run, monkeypatch, caplog, damage
+):
+    workdir, data = run
+    checkpoints = workdir / 'checkpoints'
+    DAMAGES[damage](checkpoints / '6')
+    damaged = _hashes(checkpoints / '6')
+    earlier = _hashes(checkpoints / '3')
+    unchanged_at_start = []
+
+    def check(n):
+        if n == 1:  # the fallback has restored step 3 and is about to train from it
+            unchanged_at_start.append(_hashes(checkpoints / '3') == earlier)
+
+    _counting_batches(monkeypatch, check)
+    caplog.set_level(logging.INFO, logger='absl')
+    outcome = train.train_and_evaluate(toy.config(), str(workdir), data)
+    assert outcome.step == 6
+    assert f'Restored checkpoint of step 3 from {checkpoints}' in caplog.text
+    assert unchanged_at_start == [True]
+    assert f'Checkpoint {checkpoints / "6"} cannot be read' in _warnings(caplog)
+    assert 'different model' not in caplog.text
+    assert _hashes(checkpoints / '6.unreadable') == damaged  # kept as it was, aside
+    step, params = toy.saved_params(str(workdir))
+    _, uninterrupted = toy.saved_params(toy_run[0])
+    assert step == 6
+    for a, b in zip(toy.leaves(params), toy.leaves(uninterrupted), strict=True):
+        np.testing.assert_array_equal(a, b)  # resumed exactly from 3, iterator included
+
+
+def test_no_readable_checkpoint_is_one_line_naming_the_directory(run):
+    workdir, data = run
+    checkpoints = workdir / 'checkpoints'
+    (checkpoints / '6' / '_CHECKPOINT_METADATA').unlink()
+    shutil.rmtree(checkpoints / '3' / 'data')
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        train.train_and_evaluate(toy.config(), str(workdir), data)
+    message = str(error.value)
+    assert str(checkpoints / '6') in message and str(checkpoints / '3') in message
+    assert '\n' not in message and 'different model' not in message
+    assert sorted(os.listdir(checkpoints)) == ['3', '6']  # nothing moved or deleted
+
+
+# ------------------------------------------------------------------------- 5. disk, permissions
+
+
+def test_a_workdir_under_a_file_is_named(toy_run, tmp_path):
+    _, data = toy_run
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a directory')
+    with pytest.raises(workdir_lib.WorkdirError, match=f'{blocker} is a file, not a directory'):
+        train.train_and_evaluate(toy.config(), str(blocker / 'run'), data)
+
+
+def test_a_read_only_workdir_is_named(run):
+    workdir, data = run
+    workdir.chmod(0o555)
+    try:
+        probe = workdir / 'probe'
+        try:
+            probe.touch()
+        except PermissionError:
+            pass
+        else:
+            probe.unlink()
+            pytest.skip('running as root: chmod does not stop writes here')
+        with pytest.raises(workdir_lib.WorkdirError, match=f'Permission denied: {workdir}'):
+            train.train_and_evaluate(toy.config(total_steps=9), str(workdir), data)
+    finally:
+        workdir.chmod(0o755)
+
+
+def test_an_unwritable_eval_report_is_a_warning(tmp_path, caplog):
+    (tmp_path / 'eval').write_text('a file where the directory goes')
+    assert evaluate.write_report(str(tmp_path), {'bleu': 1.0}, 'test-6') is None
+    assert f'{tmp_path / "eval" / "test-6.json"}' in _warnings(caplog)
+
+
+# ------------------------------------------------------------------------------------ 6. Ctrl-C
+
+
+def test_ctrl_c_saves_at_the_next_step_and_releases_everything(toy_run, tmp_path, monkeypatch):
+    _, data = toy_run
+    workdir = tmp_path / 'interrupted'
+    holders = []
+
+    def interrupt(n):
+        holders.append(json.loads((workdir / '.lock').read_text())['pid'])
+        if n == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    _counting_batches(monkeypatch, interrupt)
+    outcome = train.train_and_evaluate(toy.config(checkpoint_every_steps=100), str(workdir), data)
+    assert outcome.step == 2 and outcome.preempted
+    assert toy.saved_params(str(workdir))[0] == 2
+    assert holders == [os.getpid()] * 2  # this trainer held the lock while it ran
+    assert not (workdir / '.lock').exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
