@@ -18,6 +18,7 @@ from attn import train as train_lib
 from attn.data import datasets
 from attn.model import ConfigError
 from configs import l10n
+from tests import toy
 from tests.test_configs import ALL, load
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -25,14 +26,7 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 def tiny(**fields):
     """configs/l10n.py:size=tiny with dotted `fields` set."""
-    config = l10n.get_config('size=tiny')
-    for key, value in fields.items():
-        node = config
-        *parents, leaf = key.split('.')
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    return toy.set_fields(l10n.get_config('size=tiny'), fields)
 
 
 @pytest.mark.parametrize('name,arg', ALL, ids=[f'{n}:{a}' for n, a in ALL])

@@ -75,13 +75,25 @@ def _two_hosts(command: str, flags: list[str], tmp_path, on_start=None) -> list[
 
 @pytest.fixture(scope='module')
 def two_hosts(fixture_corpus, tmp_path_factory):
-    """A tiny run trained by 2 processes x 2 devices, with the test-set decode at the end."""
+    """A tiny run trained by 2 processes x 2 devices with the test-set decode at the end,
+    started as users rehearse a two-host run: `PROCESSES=2 launch/local.sh`."""
     tmp = tmp_path_factory.mktemp('two_hosts')
     workdir = str(tmp / 'workdir')
     flags = [*TRAIN_FLAGS, f'--workdir={workdir}', f'--config.data.data_dir={fixture_corpus}']
-    results = _two_hosts('train', [*flags, '--config.bleu_at_end=True'], tmp)
-    assert [len(r['reports']) for r in results] == [1, 0]  # process 0 reports, alone
-    return workdir, results[0]['reports'][0], flags
+    config, *rest = [f for f in flags if not f.startswith('--workdir')]
+    result = subprocess.run(
+        ['bash', 'launch/local.sh', config.removeprefix('--config='), workdir, *rest]
+        + ['--config.bleu_at_end=True'],
+        cwd=REPO,
+        env=dict(_env(2), PROCESSES='2', PORT=str(_port())),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
+    assert len(reports) == 1  # process 0 reports, alone
+    return workdir, reports[0], flags
 
 
 @pytest.fixture(scope='module')

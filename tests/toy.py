@@ -46,7 +46,12 @@ def config(**overrides):
     config.log_every_steps = 2
     config.eval_every_steps = 3
     config.checkpoint_every_steps = 3
-    for key, value in overrides.items():
+    return set_fields(config, overrides)
+
+
+def set_fields(config, fields: dict):
+    """`config` with each dotted field of `fields` ('model.num_heads': 2, ...) set."""
+    for key, value in fields.items():
         node = config
         *parents, leaf = key.split('.')
         for parent in parents:
