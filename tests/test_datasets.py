@@ -1,13 +1,14 @@
 """Datasets from configs: WMT14 through TFDS's own builder (mocked), fail-fast when missing."""
 
 import itertools
+import shutil
 import time
 
 import pytest
 import tensorflow_datasets as tfds
 
 from attn.data import datasets, pipeline
-from configs import lm, wmt14
+from configs import l10n, lm, wmt14
 
 
 def _offline(monkeypatch, reachable=False):
@@ -49,3 +50,14 @@ def test_wmt14_through_tfds_mock_data(tmp_path, monkeypatch):
         assert {'inputs', 'targets', 'index'} <= set(eval_batch)
         assert list(itertools.islice(data.eval_batches(config), 100))  # whole test split
     assert data.tokenizer.vocab_size == 280
+
+
+def test_a_truncated_record_file_is_named_before_anything_runs(fixture_corpus, tmp_path):
+    data_dir = tmp_path / 'data'
+    shutil.copytree(fixture_corpus, data_dir)
+    (train,) = data_dir.glob('l10n_translate/en-de/*/l10n_translate-train.array_record*')
+    train.write_bytes(train.read_bytes()[: train.stat().st_size // 2])
+    config = l10n.get_config('size=tiny')
+    config.data.data_dir = str(data_dir)
+    with pytest.raises(datasets.DataError, match=r"of the 'train' split .* damaged or truncated"):
+        datasets.load(config)

@@ -139,3 +139,14 @@ def _must_not_train(*args, **kwargs):
 
 def _must_not_read():
     raise AssertionError('read the corpus although the fingerprint matched')
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'garbage'])
+def test_a_damaged_model_file_is_named(tok, tmp_path, damage):
+    from attn.errors import UserError
+
+    model = tmp_path / 'spm.model'
+    good = tok.path.read_bytes()
+    model.write_bytes(good[: len(good) // 3] if damage == 'truncated' else b'not a model')
+    with pytest.raises(UserError, match=f'SentencePiece model {model} cannot be read'):
+        tokenizer_lib.Tokenizer.load(tmp_path)

@@ -124,7 +124,27 @@ def sources(dataset: tfds.core.DatasetBuilder, splits: Sequence[str]) -> dict[st
         except ValueError as error:  # TFDS: a slice or sum of splits it cannot read
             reason = str(error).strip().splitlines()[0].rstrip('.')
             raise DataError(f'Split {split!r} of {name}: {reason}; {fix}') from error
+        _check_readable(dataset, split, opened[split])
     return opened
+
+
+def _check_readable(dataset: tfds.core.DatasetBuilder, split: str, source) -> None:
+    """A DataError naming the dataset's directory if the first, middle or last example of
+    `split` comes back empty or fails to decode (a truncated or overwritten record file
+    reads as examples whose every field is None)."""
+    for index in sorted({0, len(source) // 2, len(source) - 1} - {-1}):
+        try:
+            example = source[index]
+            readable = all(value is not None for value in example.values())
+        except Exception:  # noqa: BLE001 - any decoding failure means a damaged file
+            readable = False
+        if not readable:
+            raise DataError(
+                f'Example {index} of the {split!r} split of {dataset.info.full_name} in '
+                f'{dataset.data_dir} cannot be read: its record file is damaged or truncated. '
+                f'Delete {dataset.data_dir} and build it again (python -m attn.prepare '
+                '--config=<this config>; the embedded corpus is rebuilt on the next run).'
+            )
 
 
 def load_tokenizer(

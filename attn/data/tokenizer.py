@@ -24,6 +24,7 @@ import sentencepiece as spm
 from absl import logging
 from etils import epath
 
+from attn.errors import UserError
 from attn.model import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 MODEL_FILE = 'spm.model'
@@ -33,16 +34,29 @@ _SAMPLE_SEED = 0  # the reservoir sample is part of the model's identity: keep i
 _TOO_HIGH = re.compile(r'Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)')
 
 
+class TokenizerError(UserError, ValueError):
+    """A tokenizer file that cannot be used; the message names it and the fix."""
+
+
 class Tokenizer:
     """SentencePiece ids with the model's fixed special ids (pad 0, unk 1, bos 2, eos 3)."""
 
     def __init__(self, model_proto: bytes, path: str | os.PathLike | None = None):
         self._proto = model_proto
         self.path = None if path is None else epath.Path(path)
-        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except (RuntimeError, OSError) as error:  # a truncated or overwritten file
+            where = path if path is not None else 'the given model bytes'
+            raise TokenizerError(
+                f'The SentencePiece model {where} cannot be read ({str(error).strip()}); it is '
+                'damaged or not a SentencePiece model. Restore it from a copy, or delete its '
+                'directory to train it again (runs trained with the old one then refuse to '
+                'resume, since their token ids would change).'
+            ) from None
         found = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
         if found != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
-            raise ValueError(
+            raise TokenizerError(
                 f'SentencePiece model {path} has special ids (pad, unk, bos, eos) = {found}; '
                 f'the model needs {(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}: retrain with train_or_load.'
             )
