@@ -16,7 +16,7 @@ import json
 import os
 
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
 from attn import checkpoint, cli, restore, sharding
 from attn import workdir as workdir_lib
@@ -52,9 +52,8 @@ def average(workdir: str, *, last: int, out: str | None = None, step: int | None
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    if FLAGS.workdir is None:
-        raise app.UsageError('--workdir is required.')
-    summary = average(FLAGS.workdir, last=FLAGS.last, out=FLAGS.out, step=FLAGS.step)
+    workdir = cli.workdir()
+    summary = average(workdir, last=FLAGS.last, out=FLAGS.out, step=FLAGS.step)
     print(json.dumps(summary))  # noqa: T201 - the command's report
 
 

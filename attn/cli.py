@@ -72,6 +72,14 @@ def config(validate: bool = True):
     return value
 
 
+def workdir() -> str:
+    """The --workdir value; a usage error when it is missing."""
+    value = flags.FLAGS.workdir
+    if value is None:
+        raise app.UsageError('--workdir is required.')
+    return value
+
+
 def run(main) -> None:
     """`absl.app.run(main)`, reporting the user's errors as one line, not a traceback: bad
     flags (a missing config file, a bad :arg, a misspelt --config.field) and the

@@ -18,7 +18,7 @@ import os
 import time
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 
 from attn import bleu, cli, decode, distributed, restore
@@ -165,11 +165,10 @@ def write_report(workdir: str, report: dict, name: str) -> str | None:
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    if FLAGS.workdir is None:
-        raise app.UsageError('--workdir is required.')
+    workdir = cli.workdir()
     distributed.initialize_from_flags()
     report = evaluate(
-        FLAGS.workdir,
+        workdir,
         split=FLAGS.split,
         average_last=FLAGS.average_last,
         step=FLAGS.step,

@@ -43,19 +43,16 @@ class Run:
 def open_checkpoints(workdir: str) -> checkpoint.Checkpointer:
     """The workdir's checkpoints, read-only; names the fix when there are none."""
     directory = workdir_lib.checkpoints(workdir)
+    train_first = f'train first (python -m attn.train --config=... --workdir={workdir}).'
     if not os.path.isdir(directory):
         what = 'does not exist' if not os.path.exists(workdir) else 'has no checkpoints/'
         raise checkpoint.CheckpointError(
-            f'Workdir {workdir} {what}: check the path, or train first '
-            f'(python -m attn.train --config=... --workdir={workdir}).'
+            f'Workdir {workdir} {what}: check the path, or {train_first}'
         )
     ckpt = checkpoint.Checkpointer(directory, keep=None, async_save=False, create=False)
     if not ckpt.all_steps():
         ckpt.close()
-        raise checkpoint.CheckpointError(
-            f'No checkpoint in {directory}: train first '
-            f'(python -m attn.train --config=... --workdir={workdir}).'
-        )
+        raise checkpoint.CheckpointError(f'No checkpoint in {directory}: {train_first}')
     return ckpt
 
 

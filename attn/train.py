@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 
 from attn import checkpoint, cli, configuration, distributed, sharding
@@ -311,12 +311,10 @@ def _loop(config, data, train_iter, mesh, ckpt, steps: _Steps, state, reporter) 
 
 def main(argv):
     del argv
-    FLAGS = flags.FLAGS
-    if FLAGS.workdir is None:
-        raise app.UsageError('--workdir is required.')
+    workdir = cli.workdir()
     config = cli.config()
     distributed.initialize_from_flags()
-    outcome = train_and_evaluate(config, FLAGS.workdir)
+    outcome = train_and_evaluate(config, workdir)
     report = {'step': outcome.step, config.data.eval_split: outcome.validation}
     if outcome.preempted:
         report['preempted'] = True
@@ -324,7 +322,7 @@ def main(argv):
         report['already_finished'] = True
     elif config.bleu_at_end and config.model_kind == 'transformer':
         report[config.data.test_split] = evaluate_lib.evaluate(
-            FLAGS.workdir, split=config.data.test_split
+            workdir, split=config.data.test_split
         )
     if distributed.is_main():
         print(json.dumps(report, ensure_ascii=False))  # noqa: T201 - the command's report

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from attn import cli, decode, restore
 from attn.data import datasets
@@ -120,9 +120,8 @@ def continue_prompts(run, tokenizer, prompts: list[str], *, max_new_tokens: int,
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    if FLAGS.workdir is None:
-        raise app.UsageError('--workdir is required.')
-    run = restore.load(FLAGS.workdir, average_last=FLAGS.average_last)
+    workdir = cli.workdir()
+    run = restore.load(workdir, average_last=FLAGS.average_last)
     tokenizer = datasets.load(run.config, ['train']).tokenizer
     if run.config.model_kind == 'lm':
         prompts = [FLAGS.prompt] if FLAGS.prompt is not None else list(read_lines(sys.stdin.buffer))

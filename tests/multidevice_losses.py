@@ -17,13 +17,18 @@ from attn.model import ModelConfig
 from configs import common
 
 
-def losses(steps: int = 20) -> list[float]:
+def tiny_setup(num_layers: int):
+    """(model config, Adam on the paper's schedule, mesh over every device) of a tiny
+    Transformer, with dropout masks that do not depend on the device count."""
     jax.config.update('jax_threefry_partitionable', True)
-    cfg = ModelConfig(vocab_size=64, num_layers=2, emb_dim=32, num_heads=4, mlp_dim=64)
+    cfg = ModelConfig(vocab_size=64, num_layers=num_layers, emb_dim=32, num_heads=4, mlp_dim=64)
     optimizer = common.base_config('tiny').optimizer
     optimizer.warmup_steps = 10
-    tx = step.make_optimizer(optimizer, cfg.emb_dim)
-    mesh = sharding.make_mesh()
+    return cfg, step.make_optimizer(optimizer, cfg.emb_dim), sharding.make_mesh()
+
+
+def losses(steps: int = 20) -> list[float]:
+    cfg, tx, mesh = tiny_setup(num_layers=2)
     graphdef, rest, state = step.create_state('transformer', cfg, 0, tx, mesh)
     step_fn, _ = step.compile_steps(graphdef, rest, tx, step.StepConfig('transformer', 0.1), mesh)
     rng = np.random.default_rng(0)

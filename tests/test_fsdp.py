@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from attn import checkpoint, sharding, step
 from attn.model import ConfigError, ModelConfig, build_model
 from configs import common
-from tests import toy
+from tests import multidevice_losses, toy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 4
@@ -171,12 +171,7 @@ def _memory(compiled) -> dict[str, int]:
 def _measure(directory: str) -> dict:
     """Per layout: losses of STEPS steps (dropout on), compiled memory, how many parameter
     arrays are split, and the losses after resuming the other layout's step-2 checkpoint."""
-    jax.config.update('jax_threefry_partitionable', True)
-    cfg = ModelConfig(vocab_size=64, num_layers=1, emb_dim=32, num_heads=4, mlp_dim=64)
-    optimizer = common.base_config('tiny').optimizer
-    optimizer.warmup_steps = 10
-    tx = step.make_optimizer(optimizer, cfg.emb_dim)
-    mesh = sharding.make_mesh()
+    cfg, tx, mesh = multidevice_losses.tiny_setup(num_layers=1)
     batches = [sharding.global_batch(mesh, b) for b in _batches(STEPS)]
     rng = jax.random.PRNGKey(0)
     out, runs = {'devices': jax.device_count()}, {}
