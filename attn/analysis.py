@@ -14,8 +14,8 @@ import numpy as np
 from flax import nnx
 
 from attn import layers
-from attn.model import EOS_ID, PAD_ID
 from attn.step import cross_entropy, forward, target_weights
+from attn.tokens import EOS_ID, PAD_ID
 
 
 def module_name(path) -> str:

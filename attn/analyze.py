@@ -31,7 +31,8 @@ from absl import app, flags  # noqa: E402
 
 from attn import analysis, cli, generation, restore  # noqa: E402
 from attn.data import datasets  # noqa: E402
-from attn.model import PAD_ID, shift_right  # noqa: E402
+from attn.model import shift_right  # noqa: E402
+from attn.tokens import PAD_ID  # noqa: E402
 
 HEATMAP_SENTENCES = 3
 

@@ -184,25 +184,30 @@ def dot_product_attention(
     implementation: Implementation = 'reference',
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
-) -> jax.Array:
+    return_weights: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Eq. (1) by the chosen implementation. Shapes as in `reference_attention`.
 
+    The fused kernels neither return the probabilities nor drop them out: asking for
+    the weights runs the reference path whatever `implementation` is, and attention
+    dropout needs the reference implementation.
+
     Returns:
-      [B, T, N, H].
+      [B, T, N, H]; with return_weights also the [B, N, T, S] float32 probabilities.
     """
-    if implementation == 'reference':
-        out, _ = reference_attention(
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f'Unknown attention implementation {implementation!r}; use one of {IMPLEMENTATIONS}.'
+        )
+    if implementation == 'reference' or return_weights:
+        out, probs = reference_attention(
             query, key, value, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng
         )
-        return out
-    if implementation in ('fused', 'cudnn'):
-        if dropout_rate > 0.0:
-            raise ValueError(
-                'The fused attention kernel has no attention dropout; set '
-                'attention_dropout_rate=0 or use the reference implementation.'
-            )
-        kernel = 'cudnn' if implementation == 'cudnn' else None
-        return fused_attention(query, key, value, mask, implementation=kernel)
-    raise ValueError(
-        f'Unknown attention implementation {implementation!r}; use one of {IMPLEMENTATIONS}.'
-    )
+        return (out, probs) if return_weights else out
+    if dropout_rate > 0.0:
+        raise ValueError(
+            'The fused attention kernel has no attention dropout; set '
+            'attention_dropout_rate=0 or use the reference implementation.'
+        )
+    kernel = 'cudnn' if implementation == 'cudnn' else None
+    return fused_attention(query, key, value, mask, implementation=kernel)

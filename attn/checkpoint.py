@@ -9,8 +9,11 @@ on 8 GPUs opens on a laptop CPU for analysis.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 from typing import Any
 
 import grain
@@ -113,18 +116,13 @@ class Checkpointer:
         """`create=False` opens existing checkpoints for reading and creates nothing."""
         self.directory = epath.Path(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
             create=create,
             enable_async_checkpointing=async_save,
             read_only=not create,
         )
-        handlers = {
-            'state': ocp.PyTreeCheckpointHandler(),
-            'data': grain.checkpoint.CheckpointHandler(),
-            'config': ocp.JsonCheckpointHandler(),
-        }
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=handlers
+            self.directory, options=options, handler_registry=_handler_registry()
         )
 
     def latest_step(self) -> int | None:
@@ -139,7 +137,9 @@ class Checkpointer:
             items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
             items['config'] = ocp.args.JsonSave(config)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._check_room(step, state)
+        with self._saving():
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         logging.info('Saving checkpoint of step %d to %s', step, self.directory)
 
     def restore(self, target_state: Any, data_iterator=None, step: int | None = None) -> Any:
@@ -199,7 +199,7 @@ class Checkpointer:
         """The items of `step` restored onto `target_state` (and the iterator); _Unreadable
         when they cannot be read, CheckpointError when they belong to another model."""
         try:
-            saved = self.manager.item_metadata(step)['state']
+            saved = self.manager.metadata(step).item_metadata['state']
         except Exception as error:  # noqa: BLE001 - any unreadable metadata
             raise _Unreadable(f'its state metadata cannot be read ({_short(error)})') from error
         if saved is None:
@@ -240,7 +240,7 @@ class Checkpointer:
         optimizer state is never read. `shardings(abstract_params)` places them (a tree of
         shardings for the tree of jax.ShapeDtypeStruct it is given), so they land on this
         process's mesh however many devices and hosts wrote them."""
-        metadata = self.manager.item_metadata(step)['state']
+        metadata = self.manager.metadata(step).item_metadata['state']
         params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata['params'])
         placed = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -260,10 +260,88 @@ class Checkpointer:
         return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._saving():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        with contextlib.suppress(CheckpointError), self._saving():
+            self.manager.close()  # a failed save has been reported already
+
+    def _check_room(self, step: int, state: Any) -> None:
+        """Refuses, before anything is written, a save the disk has no room for (every
+        process agrees, so none waits on the others at a save that never comes)."""
+        local = str(self.directory)
+        if '://' in local or not os.path.isdir(local):
+            return  # object stores: no free-space figure
+        needed = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, 'nbytes'))
+        steps = self.all_steps()
+        if steps:  # metadata and per-file overhead included
+            latest = os.path.join(local, str(steps[-1]))
+            files = [os.path.join(d, f) for d, _, names in os.walk(latest) for f in names]
+            needed = max(needed, sum(map(os.path.getsize, files)))
+        free = shutil.disk_usage(local).free
+        if distributed.agreed_max([free < needed])[0]:
+            raise CheckpointError(
+                f'{os.strerror(errno.ENOSPC)}: saving checkpoint {step} in {self.directory} '
+                f'needs about {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; '
+                f'nothing was written. {self._intact()}'
+            )
+
+    def _intact(self) -> str:
+        """Which checkpoints are on disk, complete (read from the directory: the manager
+        may count a save that failed)."""
+        saved = sorted(int(p.name) for p in self.directory.glob('*') if p.name.isdigit())
+        steps = ' and '.join(map(str, saved))
+        return (
+            f'Checkpoints {steps} are intact' if steps else 'There is no earlier checkpoint'
+        ) + ': free space or fix the disk, then run the same command to resume.'
+
+    @contextlib.contextmanager
+    def _saving(self):
+        """A save that fails (a full disk, a lost mount) as one CheckpointError naming the
+        cause and the checkpoints that are intact; what it left half-written is removed,
+        so the disk holds nothing but complete checkpoints."""
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - Orbax raises whatever its writers raised
+            partial = sorted(p for p in self.directory.glob('*') if 'tmp' in p.name)
+            for path in partial:
+                shutil.rmtree(path, ignore_errors=True)
+            failed = ', '.join(p.name.split('.')[0] for p in partial) or 'a checkpoint'
+            raise CheckpointError(
+                f'{_save_failure(error)}: saving checkpoint {failed} in {self.directory} '
+                f'failed (its partial files are removed). {self._intact()}'
+            ) from error
+
+
+def _save_failure(error: BaseException) -> str:
+    """The operating system's reason for a failed write, from anywhere in the chain."""
+    while error is not None:
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror
+        if 'No space left on device' in str(error):
+            return os.strerror(errno.ENOSPC)
+        error = error.__cause__ or error.__context__
+    return 'Writing failed'
+
+
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """The handler of each item, for saving and restoring it: the same handlers, and so
+    the same files, as checkpoints have always had."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    items = {
+        'state': (ocp.PyTreeCheckpointHandler(), ocp.args.PyTreeSave, ocp.args.PyTreeRestore),
+        'data': (
+            grain.checkpoint.CheckpointHandler(),
+            grain.checkpoint.CheckpointSave,
+            grain.checkpoint.CheckpointRestore,
+        ),
+        'config': (ocp.JsonCheckpointHandler(), ocp.args.JsonSave, ocp.args.JsonRestore),
+    }
+    for item, (handler, save, restore) in items.items():
+        registry.add(item, save, handler)
+        registry.add(item, restore, handler)
+    return registry
 
 
 def _pytree_restore(target: Any, partial: bool = False) -> ocp.args.PyTreeRestore:

@@ -14,8 +14,7 @@ from absl import app, flags
 from ml_collections import config_dict, config_flags
 
 from attn import configuration
-from attn.errors import UserError
-from attn.model import ConfigError
+from attn.errors import ConfigError, UserError
 
 COMMANDS = {
     'prepare': "build a config's dataset and tokenizer ahead of a launch",
@@ -25,6 +24,7 @@ COMMANDS = {
     'analyze': 'attention maps, head statistics, head importance and pruning of a checkpoint',
     'average': "the mean of a run's last K checkpoints, written as a checkpoint",
     'summary': 'parameters per module and FLOPs per token of a config',
+    'export': 'a checkpoint as a Hugging Face MarianMT and/or CTranslate2 model directory',
 }
 
 
@@ -122,7 +122,7 @@ def _flag_error(error: BaseException, argv: list[str]) -> str | None:
         error = error.__cause__ or error.__context__
     for cause in reversed(chain):
         if isinstance(cause, (ConfigError, UserError)):
-            return str(cause)  # e.g. from configs/common.py's parse_arg
+            return str(cause)  # e.g. from config_lib.parse_arg
     argument = _config_argument(argv)
     if argument is not None and isinstance(chain[-1], OSError):
         return _unloadable(argument, chain[-1])

@@ -1,6 +1,9 @@
 """Glue between `ml_collections` experiment configs and the library's typed settings, and
 `validate`, which refuses any setting that cannot work before anything is built, compiled
-or trained, naming the field and the fix."""
+or trained, naming the field and the fix.
+
+`ModelConfig` (the model's hyperparameters and their checks) lives in `attn.model_config`,
+free of ml_collections so that the model code can import it; it is re-exported here."""
 
 from __future__ import annotations
 
@@ -9,7 +12,10 @@ from ml_collections import config_dict
 
 from attn import sharding
 from attn import step as step_lib
-from attn.model import ConfigError, ModelConfig
+from attn.errors import ConfigError
+from attn.model_config import ModelConfig
+
+__all__ = ['ModelConfig', 'model_config', 'validate']
 
 
 def model_config(config: config_dict.ConfigDict) -> ModelConfig:
@@ -56,6 +62,9 @@ def validate(config: config_dict.ConfigDict, *, devices: int | None = None) -> N
     _at_least(config, 'bleu_every_steps', 0, '0 = no BLEU during training, N = every N steps.')
     _at_least(config, 'bleu_examples', 1, 'the examples decoded for periodic BLEU, e.g. 200.')
     _at_least(config, 'data.eval_batch_size', 1, 'examples per evaluation batch, e.g. 64.')
+    _at_least(config, 'data.worker_count', 0, 'processes reading training examples (0: none).')
+    _at_least(config, 'data.worker_buffer_size', 1, 'chunks each worker holds ready, e.g. 2.')
+    _at_least(config, 'data.prefetch', 0, 'batches a thread packs ahead (0: none), e.g. 2.')
     _at_least(config, 'decode.beam_size', 1, "1 = greedy search, the paper's 4 (§6.1).")
     _check_batch(config, jax.device_count() if devices is None else devices)
     mode = config.get('sharding', 'replicated')  # as step.setup reads it

@@ -1,7 +1,7 @@
 """Decoding over the incremental cache: greedy, beam search (§6.1) and sampling.
 
 Every search is one compiled program: the encoder runs once per batch, the source's
-keys/values are projected once (`Decoder.init_cache(..., encoded)`), and a
+keys/values are projected once (`Decoder.init_cache(..., encoded=...)`), and a
 `jax.lax.while_loop` carries the self-attention caches (nnx.Cache state) from step to
 step. The model is split into graphdef + state (`nnx.split`) and merged inside the step,
 so nothing here mutates the caller's model. Jitted functions take the graphdef as a
@@ -29,16 +29,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from attn import distributed, sharding
-from attn.model import BOS_ID, EOS_ID, PAD_ID, LanguageModel, Transformer
+from attn import distributed, layers, sharding
+from attn.model import LanguageModel, Transformer
+from attn.tokens import BOS_ID, EOS_ID, PAD_ID
 
 # Beam and sampling scores never pass through a softmax, so -inf is exact and safe here:
 # -inf + finite = -inf marks dead hypotheses (and suppressed tokens) for good.
 NEG_INF = float('-inf')
-
-# Self-attention caches grow by one position per step and follow their hypothesis when
-# beams are reordered; the encoder-decoder caches (the source's keys/values) are constant.
-_SELF_CACHE = nnx.All(nnx.Cache, nnx.PathContains('self_attention'))
 
 Step = Callable[[nnx.State, jax.Array, jax.Array], tuple[jax.Array, nnx.State]]
 
@@ -65,33 +62,29 @@ def _start(graphdef, state, inputs, *, batch_size: int, copies: int, length: int
       self_cache)` feeds `tokens` at position t, R = B * copies.
     """
     model = nnx.merge(graphdef, state)
-    source = None
     if inputs is not None:
         encoded = model.encode(inputs)  # [B, S, D], once per batch
-        model.decoder.init_cache(batch_size, length, encoded)
+        model.decoder.init_cache(batch_size, length, encoded=encoded)
         source = jnp.repeat(inputs, copies, axis=0)  # [R, S], gives the source padding
     else:
         model.decoder.init_cache(batch_size, length)
-    step_def, self_cache, cross_cache, rest = nnx.split(model, _SELF_CACHE, nnx.Cache, ...)
+    # Self-attention caches grow by one position per step and follow their hypothesis when
+    # beams are reordered; the source's keys/values are constant.
+    step_def, self_cache, source_cache, rest = nnx.split(
+        model, layers.DecodeCache, layers.SourceCache, ...
+    )
     repeat = functools.partial(jnp.repeat, repeats=copies, axis=0)
-    self_cache, cross_cache = _map_rows(repeat, self_cache), _map_rows(repeat, cross_cache)
+    self_cache, source_cache = _map_rows(repeat, self_cache), _map_rows(repeat, source_cache)
     rows = batch_size * copies
 
     def step(cache, tokens, t):
-        m = nnx.merge(step_def, cache, cross_cache, rest)
+        m = nnx.merge(step_def, cache, source_cache, rest)
         positions = jnp.full((rows, 1), t, jnp.int32)  # [R, 1]
-        if source is None:
-            logits = m.decoder(tokens[:, None], positions=positions, decode=True)
+        if inputs is None:
+            logits = m.decode_step(tokens[:, None], positions=positions)  # [R, 1, V]
         else:
-            logits = m.decode(
-                None,  # the source's keys/values are in the cache
-                source,
-                tokens[:, None],
-                targets_segmentation=jnp.ones_like(positions),
-                targets_position=positions,
-                decode=True,
-            )  # [R, 1, V]
-        return logits[:, 0].astype(jnp.float32), nnx.state(m, _SELF_CACHE)
+            logits = m.decode_step(tokens[:, None], positions=positions, inputs=source)
+        return logits[:, 0].astype(jnp.float32), nnx.state(m, layers.DecodeCache)
 
     return step, self_cache
 
@@ -504,7 +497,7 @@ def sample(
     lengths = np.asarray(prompt_lengths)
     if lengths.shape != prompts.shape[:1] or lengths.max(initial=0) > prompts.shape[1]:
         raise ValueError(f'prompt_lengths {lengths} do not fit prompts of shape {prompts.shape}.')
-    key = jax.random.PRNGKey(seed)
+    key = jax.random.key(seed)
     lengths = jnp.asarray(lengths, jnp.int32)
     return _sample(graphdef, state, prompts, lengths, key, settings, max_length=max_length)
 

@@ -12,6 +12,7 @@ writes W/eval/<split>-<step>.json and prints the same JSON.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -88,10 +89,11 @@ def sample_bleu(model, config, data: datasets.Data, split: str, examples: int, m
 
 def references(data: datasets.Data, split: str) -> list[str]:
     source, target = data.splits[split], data.features[-1]
-    return [_text(source[i][target]) for i in range(len(source))]
+    return [text(source[i][target]) for i in range(len(source))]
 
 
-def _text(value) -> str:
+def text(value) -> str:
+    """A text feature of an example as str (TFDS gives bytes; in-memory data may be str)."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -158,6 +160,8 @@ def write_report(workdir: str, report: dict, name: str) -> str | None:
             json.dump(report, f, indent=1, ensure_ascii=False)
     except OSError as error:
         logging.warning('Cannot write the report to %s (%s); printing it only.', path, error)
+        with contextlib.suppress(OSError):
+            os.remove(path)  # a half-written report (a full disk) would read as a result
         return None
     return path
 

@@ -30,7 +30,7 @@ from matplotlib import animation  # noqa: E402
 
 from attn import analysis, decode  # noqa: E402
 from attn.errors import UserError  # noqa: E402
-from attn.model import BOS_ID, PAD_ID  # noqa: E402
+from attn.tokens import BOS_ID, PAD_ID  # noqa: E402
 
 
 @dataclasses.dataclass

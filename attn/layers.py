@@ -30,12 +30,27 @@ def _xavier(rngs: nnx.Rngs, fan_in: int, fan_out: int, shape: tuple[int, ...]) -
     return kernel.reshape(shape)
 
 
+class DecodeCache(nnx.Cache):
+    """Self-attention keys/values of the positions decoded so far, and the next position."""
+
+
+class SourceCache(nnx.Cache):
+    """Encoder-decoder attention: the source's keys/values, projected once per batch."""
+
+
 class MultiHeadAttention(nnx.Module):
     """MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W^O,
     head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)                         (§3.2.2)
 
     Query/key and value head sizes are independent (Table 3 row B changes d_k
     alone). Projections have no bias, as in the paper's equations.
+
+    One method per way of attending:
+      `__call__(inputs_q, inputs_kv)`: every query position at once (training, scoring);
+      `append_and_attend(inputs_q)`: one decoding step of self-attention over the
+        positions decoded so far (after `init_cache`);
+      `attend_to_source(inputs_q)`: one decoding step of encoder-decoder attention over
+        the source projected by `init_cross_cache`.
     """
 
     def __init__(
@@ -63,116 +78,147 @@ class MultiHeadAttention(nnx.Module):
         # attention probabilities as nnx.Intermediate 'attention_weights' [B, N, T, S];
         # read them with `nnx.capture(model, nnx.Intermediate)(...)`.
         self.capture_weights = False
-        self.cache_key: nnx.Cache | None = nnx.data(None)
-        self.cache_value: nnx.Cache | None = nnx.data(None)
-        self.cache_index: nnx.Cache | None = nnx.data(None)
+        self.cache_key: DecodeCache | None = nnx.data(None)
+        self.cache_value: DecodeCache | None = nnx.data(None)
+        self.cache_index: DecodeCache | None = nnx.data(None)
+        self.source_key: SourceCache | None = nnx.data(None)
+        self.source_value: SourceCache | None = nnx.data(None)
+
+    # ------------------------------------------------------------------ projections
+
+    def _queries(self, inputs_q: jax.Array) -> jax.Array:
+        """[B, T, D] -> [B, T, N, K]."""
+        x_q, w_q = inputs_q.astype(self.dtype), self.query[...].astype(self.dtype)
+        return jnp.einsum('BTD,DNK->BTNK', x_q, w_q)
+
+    def _keys_values(self, inputs_kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """[B, S, D] -> keys [B, S, N, K], values [B, S, N, H]."""
+        x_kv, dtype = inputs_kv.astype(self.dtype), self.dtype
+        key = jnp.einsum('BSD,DNK->BSNK', x_kv, self.key[...].astype(dtype))  # [B, S, N, K]
+        value = jnp.einsum('BSD,DNH->BSNH', x_kv, self.value[...].astype(dtype))  # [B, S, N, H]
+        return key, value
+
+    def _attend(self, query, key, value, mask, dropout_rate=0.0, dropout_rng=None) -> jax.Array:
+        """Eq. (1) per head, the head gates, then W^O: query [B, T, N, K], key [B, S, N, K],
+        value [B, S, N, H], mask [B|1, N|1, T, S] or None -> [B, T, D]."""
+        kwargs = dict(dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+        if self.capture_weights:
+            out, probs = attention_lib.dot_product_attention(
+                query, key, value, mask, return_weights=True, **kwargs
+            )  # [B, T, N, H], [B, N, T, S]
+            self.sow(nnx.Intermediate, 'attention_weights', probs)
+        else:
+            out = attention_lib.dot_product_attention(
+                query, key, value, mask, implementation=self.implementation, **kwargs
+            )  # [B, T, N, H]
+        out = out * self.head_mask[...].astype(self.dtype)[:, None]  # gate each head
+        return jnp.einsum('BTNH,NHD->BTD', out, self.out[...].astype(self.dtype))  # [B, T, D]
+
+    # -------------------------------------------------------------- full attention
+
+    def __call__(
+        self,
+        inputs_q: jax.Array,
+        inputs_kv: jax.Array,
+        *,
+        mask: jax.Array | None = None,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Attends from every position of `inputs_q` [B, T, D] to `inputs_kv` [B, S, D].
+
+        Args:
+          mask: [B|1, N|1, T, S] bool, True = may attend.
+          deterministic: False applies attention dropout (if configured).
+          rngs: provides the 'dropout' stream when not deterministic.
+        Returns:
+          [B, T, D].
+        """
+        query = self._queries(inputs_q)
+        key, value = self._keys_values(inputs_kv)
+        dropout_rate = 0.0 if deterministic else self.attention_dropout_rate
+        dropout_rng = rngs.dropout() if dropout_rate > 0.0 else None
+        return self._attend(query, key, value, mask, dropout_rate, dropout_rng)
+
+    # ------------------------------------------------------------ cached decoding
 
     def init_cache(self, batch_size: int, max_length: int) -> None:
-        """Self-attention: an empty key/value cache filled one position per decode call.
+        """Self-attention: an empty key/value cache, filled one position per
+        `append_and_attend` call.
 
         Caches are stored head-major, [B, N, L, *]: writing one position and reading
         them back then needs no relayout of the whole cache at each step on CPU.
         """
         _, N, K = self.key.shape
         H = self.value.shape[-1]
-        self.cache_key = nnx.Cache(jnp.zeros((batch_size, N, max_length, K), self.dtype))
-        self.cache_value = nnx.Cache(jnp.zeros((batch_size, N, max_length, H), self.dtype))
-        self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
+        self.cache_key = DecodeCache(jnp.zeros((batch_size, N, max_length, K), self.dtype))
+        self.cache_value = DecodeCache(jnp.zeros((batch_size, N, max_length, H), self.dtype))
+        self.cache_index = DecodeCache(jnp.array(0, jnp.int32))
 
-    def init_cross_cache(self, inputs_kv: jax.Array) -> None:
-        """Encoder-decoder attention: keys/values of the source [B, S, D], projected once.
-
-        Decode calls then read them instead of projecting `inputs_kv` again (no cache
-        index: nothing is appended).
-        """
-        x_kv, dtype = inputs_kv.astype(self.dtype), self.dtype
-        key = jnp.einsum('BSD,DNK->BSNK', x_kv, self.key[...].astype(dtype))  # [B, S, N, K]
-        value = jnp.einsum('BSD,DNH->BSNH', x_kv, self.value[...].astype(dtype))  # [B, S, N, H]
-        self.cache_key = nnx.Cache(key.transpose(0, 2, 1, 3))  # [B, N, S, K]
-        self.cache_value = nnx.Cache(value.transpose(0, 2, 1, 3))  # [B, N, S, H]
-        self.cache_index = None
-
-    def _append_to_cache(
-        self, key: jax.Array, value: jax.Array
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Writes one step's key/value [B, 1, N, *] at the cache index.
-
-        Returns the whole cache ([B, L, N, K], [B, L, N, H]) and the mask
-        [1, 1, 1, L] of the positions written so far. (Stored as [B, N, L, *].)
-        """
-        if self.cache_key is None:
-            raise ValueError('decode=True needs init_cache(batch_size, max_length) first.')
-        if key.shape[1] != 1:
-            raise ValueError(
-                f'Incremental decoding takes one position per call, got {key.shape[1]}.'
-            )
-        index = self.cache_index[...]
-        start = (0, 0, index, 0)
-        cached_key = jax.lax.dynamic_update_slice(
-            self.cache_key[...], key.transpose(0, 2, 1, 3), start
-        )  # [B, N, L, K]
-        cached_value = jax.lax.dynamic_update_slice(
-            self.cache_value[...], value.transpose(0, 2, 1, 3), start
-        )  # [B, N, L, H]
-        self.cache_key[...] = cached_key
-        self.cache_value[...] = cached_value
-        self.cache_index[...] = index + 1
-        written = jnp.arange(cached_key.shape[2]) <= index  # [L]
-        return (
-            cached_key.transpose(0, 2, 1, 3),  # [B, L, N, K]
-            cached_value.transpose(0, 2, 1, 3),  # [B, L, N, H]
-            written[None, None, None, :],
-        )
-
-    def __call__(
-        self,
-        inputs_q: jax.Array,
-        inputs_kv: jax.Array,
-        mask: jax.Array | None = None,
-        *,
-        deterministic: bool = True,
-        rngs: nnx.Rngs | None = None,
-        decode: bool = False,
-    ) -> jax.Array:
-        """Attends from `inputs_q` [B, T, D] to `inputs_kv` [B, S, D].
+    def append_and_attend(self, inputs_q: jax.Array) -> jax.Array:
+        """One decoding step of self-attention: writes the step's key/value at the cache
+        index and attends to every position written so far (causal by construction).
 
         Args:
-          mask: [B|1, N|1, T, S] bool, True = may attend. With decode=True it
-            covers the cache ([.., .., 1, L]) and is combined with the cache's own.
-          deterministic: False applies attention dropout (if configured).
-          rngs: provides the 'dropout' stream when not deterministic.
-          decode: one query position per call over the cache: appended to for
-            self-attention (`init_cache`), read for cross-attention (`init_cross_cache`).
+          inputs_q: [B, 1, D], the decoder stream at the current position.
+        Returns:
+          [B, 1, D].
+        """
+        if self.cache_index is None:
+            raise ValueError('append_and_attend needs init_cache(batch_size, max_length) first.')
+        if inputs_q.shape[1] != 1:
+            raise ValueError(
+                f'Incremental decoding takes one position per call, got {inputs_q.shape[1]}.'
+            )
+        key, value = self._keys_values(inputs_q)  # [B, 1, N, *]
+        index = self.cache_index[...]
+        start = (0, 0, index, 0)
+        self.cache_key[...] = jax.lax.dynamic_update_slice(
+            self.cache_key[...], key.transpose(0, 2, 1, 3), start
+        )  # [B, N, L, K]
+        self.cache_value[...] = jax.lax.dynamic_update_slice(
+            self.cache_value[...], value.transpose(0, 2, 1, 3), start
+        )  # [B, N, L, H]
+        self.cache_index[...] = index + 1
+        written = jnp.arange(self.cache_key.shape[2]) <= index  # [L]
+        return self._attend(
+            self._queries(inputs_q),
+            self.cache_key[...].transpose(0, 2, 1, 3),  # [B, L, N, K]
+            self.cache_value[...].transpose(0, 2, 1, 3),  # [B, L, N, H]
+            written[None, None, None, :],  # [1, 1, 1, L]
+        )
+
+    def init_cross_cache(self, inputs_kv: jax.Array) -> None:
+        """Encoder-decoder attention: the keys/values of the source `inputs_kv` [B, S, D],
+        projected once for every `attend_to_source` call of this batch."""
+        key, value = self._keys_values(inputs_kv)  # [B, S, N, *]
+        self.source_key = SourceCache(key.transpose(0, 2, 1, 3))  # [B, N, S, K]
+        self.source_value = SourceCache(value.transpose(0, 2, 1, 3))  # [B, N, S, H]
+
+    def attend_to_source(self, inputs_q: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """One decoding step of encoder-decoder attention over the cached source.
+
+        Args:
+          inputs_q: [B, T, D] decoder positions (one per step when decoding).
+          mask: [B|1, 1, T, S] bool, the source's padding.
         Returns:
           [B, T, D].
         """
-        dtype = self.dtype
-        query = jnp.einsum('BTD,DNK->BTNK', inputs_q.astype(dtype), self.query[...].astype(dtype))
-        if decode and self.cache_key is not None and self.cache_index is None:
-            key = self.cache_key[...].transpose(0, 2, 1, 3)  # projected source [B, S, N, K]
-            value = self.cache_value[...].transpose(0, 2, 1, 3)  # [B, S, N, H]
-        else:
-            x_kv = inputs_kv.astype(dtype)
-            key = jnp.einsum('BSD,DNK->BSNK', x_kv, self.key[...].astype(dtype))  # [B, S, N, K]
-            value = jnp.einsum('BSD,DNH->BSNH', x_kv, self.value[...].astype(dtype))  # [B, S, N, H]
-            if decode:
-                key, value, written = self._append_to_cache(key, value)  # [B, L, N, *]
-                mask = attention_lib.combine_masks(mask, written)
-
-        dropout_rate = 0.0 if deterministic else self.attention_dropout_rate
-        dropout_rng = rngs.dropout() if dropout_rate > 0.0 else None
-        if self.capture_weights or self.implementation == 'reference':
-            out, probs = attention_lib.reference_attention(
-                query, key, value, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng
-            )  # [B, T, N, H], [B, N, T, S]
-            if self.capture_weights:
-                self.sow(nnx.Intermediate, 'attention_weights', probs)
-        else:
-            out = attention_lib.dot_product_attention(
-                query, key, value, mask, implementation=self.implementation
-            )  # [B, T, N, H]
-        out = out * self.head_mask[...].astype(dtype)[:, None]  # gate each head
-        return jnp.einsum('BTNH,NHD->BTD', out, self.out[...].astype(dtype))  # [B, T, D]
+        if self.source_key is None:
+            raise ValueError('attend_to_source needs init_cross_cache(encoded) first.')
+        rows = self.source_key.shape[0]
+        if inputs_q.shape[0] != rows:
+            raise ValueError(
+                f'The cached source has {rows} rows but the decoder step has '
+                f"{inputs_q.shape[0]}: init_cross_cache(encoded) with this batch's encoder "
+                'output first.'
+            )
+        return self._attend(
+            self._queries(inputs_q),
+            self.source_key[...].transpose(0, 2, 1, 3),  # [B, S, N, K]
+            self.source_value[...].transpose(0, 2, 1, 3),  # [B, S, N, H]
+            mask,
+        )
 
 
 class FeedForward(nnx.Module):
@@ -235,22 +281,12 @@ class LearnedPositions(nnx.Module):
         return jnp.take(self.embedding[...], positions, axis=0)
 
 
-class Residual(nnx.Module):
-    """The residual connection around each sub-layer (§3.1, §5.4).
+class ResidualNorm(nnx.Module):
+    """The LayerNorm of one residual connection (§3.1): after the addition,
+    LayerNorm(x + Dropout(Sublayer(x))) (post-LN, the paper), or on the sub-layer's
+    input, x + Dropout(Sublayer(LayerNorm(x))) (pre-LN). The layers in model.py write
+    the connection out; this module holds the norm, so that its parameters are
+    `<sub-layer>_residual.norm.{scale,bias}` in the state (the names checkpoints hold)."""
 
-    Post-LN (paper): LayerNorm(x + Dropout(Sublayer(x))).
-    Pre-LN (switch):  x + Dropout(Sublayer(LayerNorm(x))).
-    """
-
-    def __init__(
-        self, emb_dim: int, dropout_rate: float, *, pre_ln: bool, dtype: jnp.dtype, rngs: nnx.Rngs
-    ):
+    def __init__(self, emb_dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.norm = nnx.LayerNorm(emb_dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout_rate)
-        self.pre_ln = pre_ln
-
-    def __call__(self, x, sublayer, *, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
-        """x: [B, T, D]; sublayer maps [B, T, D] -> [B, T, D]."""
-        if self.pre_ln:
-            return x + self.dropout(sublayer(self.norm(x)), deterministic=deterministic, rngs=rngs)
-        return self.norm(x + self.dropout(sublayer(x), deterministic=deterministic, rngs=rngs))

@@ -1,17 +1,14 @@
 """The Transformer (§3, Figure 1) and a decoder-only language model, in Flax NNX.
 
 Dimension letters: B batch, S source length, T target length, D d_model, V vocabulary.
-Token ids 0..3 are reserved: PAD, UNK, BOS, EOS (the tokenizer uses the same ids).
+Token ids 0..3 are reserved: PAD, UNK, BOS, EOS (`attn.tokens`, shared with the tokenizer).
 Packed rows carry segment ids (1, 2, ... per example, 0 = padding) and positions
 (restarting at 0 per example); attention never crosses examples.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-from collections.abc import Mapping
-from typing import Any
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,122 +16,9 @@ from flax import nnx
 
 from attn import attention as attention_lib
 from attn import layers
-
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-NUM_SPECIAL_TOKENS = 4
-
-POSITIONS = ('sinusoidal', 'learned')
-DTYPES = ('float32', 'bfloat16', 'float16')
-# What a training forward pass keeps for the backward pass, per layer: everything
-# ('none'), only the layer's input ('full'), or the outputs of its dense projections
-# ('dots': attention scores, softmax, dropout and norms are recomputed).
-REMAT = ('none', 'full', 'dots')
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names the field and the fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Hyperparameters of `Transformer` and `LanguageModel` (paper base by default)."""
-
-    vocab_size: int = 37000  # shared source/target vocabulary (§5.1)
-    num_layers: int = 6  # N: layers in the encoder and in the decoder
-    emb_dim: int = 512  # d_model
-    num_heads: int = 8  # h
-    qk_dim: int | None = None  # d_k per head; None derives emb_dim // num_heads
-    v_dim: int | None = None  # d_v per head; None derives emb_dim // num_heads
-    mlp_dim: int = 2048  # d_ff
-    dropout_rate: float = 0.1  # P_drop on sub-layer outputs and embedding sums (§5.4)
-    attention_dropout_rate: float = 0.0  # dropout on attention probabilities (not in paper)
-    positions: str = 'sinusoidal'  # or 'learned' (Table 3 row E)
-    max_len: int = 512  # rows of each learned position table (encoder, decoder)
-    pre_ln: bool = False  # True: x + Sublayer(LayerNorm(x)) and a final LayerNorm
-    share_embeddings: bool = True  # one matrix for encoder and decoder input (§3.4)
-    tie_output: bool = True  # pre-softmax projection = target embedding^T (§3.4)
-    attention: str = 'reference'  # 'reference' (einsum), 'fused' or 'cudnn' (attention.py)
-    dtype: str = 'float32'  # compute dtype; parameters are always float32
-    remat: str = 'none'  # recompute activations in the backward pass: one of REMAT
-
-    def __post_init__(self):
-        for name in ('vocab_size', 'num_layers', 'emb_dim', 'num_heads', 'mlp_dim', 'max_len'):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f'model.{name}={value!r} must be a positive integer.')
-        if self.vocab_size <= NUM_SPECIAL_TOKENS:
-            raise ConfigError(
-                f'model.vocab_size={self.vocab_size} leaves no room beside the '
-                f'{NUM_SPECIAL_TOKENS} special tokens (pad, unk, bos, eos); '
-                'use a larger vocabulary (the paper: ~37000).'
-            )
-        for name in ('qk_dim', 'v_dim'):
-            value = getattr(self, name)
-            if value is None and self.emb_dim % self.num_heads:
-                divisors = [h for h in range(1, self.emb_dim + 1) if self.emb_dim % h == 0]
-                raise ConfigError(
-                    f'model.num_heads={self.num_heads} does not divide '
-                    f'model.emb_dim={self.emb_dim}, so model.{name} cannot be derived '
-                    f'as emb_dim // num_heads. Pick num_heads from {divisors[:12]} '
-                    'or set model.qk_dim and model.v_dim explicitly.'
-                )
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f'model.{name}={value!r} must be a positive integer or None.')
-        for name in ('dropout_rate', 'attention_dropout_rate'):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(
-                    f'model.{name}={value} must be in [0, 1): it is the probability of '
-                    'dropping a unit (the paper uses 0.1).'
-                )
-        _check_choice('positions', self.positions, POSITIONS)
-        _check_choice('attention', self.attention, attention_lib.IMPLEMENTATIONS)
-        _check_choice('dtype', self.dtype, DTYPES)
-        _check_choice('remat', self.remat, REMAT)
-        if self.positions == 'sinusoidal' and self.emb_dim % 2:
-            raise ConfigError(
-                f'model.emb_dim={self.emb_dim} must be even for sinusoidal positions '
-                '(sine/cosine pairs, §3.5); use an even emb_dim or model.positions="learned".'
-            )
-        if self.attention != 'reference' and self.attention_dropout_rate > 0:
-            raise ConfigError(
-                f'model.attention="{self.attention}" has no attention dropout; set '
-                'model.attention_dropout_rate=0 or model.attention="reference".'
-            )
-        if self.attention == 'cudnn' and self.dtype == 'float32':
-            raise ConfigError(
-                'model.attention="cudnn" needs half-precision compute; set '
-                'model.dtype="bfloat16" (or "float16"), or model.attention="fused".'
-            )
-
-    @property
-    def head_qk_dim(self) -> int:
-        return self.qk_dim if self.qk_dim is not None else self.emb_dim // self.num_heads
-
-    @property
-    def head_v_dim(self) -> int:
-        return self.v_dim if self.v_dim is not None else self.emb_dim // self.num_heads
-
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
-
-    @classmethod
-    def from_mapping(cls, fields: Mapping[str, Any]) -> ModelConfig:
-        """Builds from a dict (e.g. `config.model`), naming unknown fields and near misses."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        for name in fields:
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f' Did you mean model.{close[0]}?' if close else f' Known fields: {known}.'
-                raise ConfigError(f'Unknown model field model.{name}.{hint}')
-        return cls(**fields)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f'model.{name}={value!r} is not one of {choices}.')
-
+from attn.errors import ConfigError
+from attn.model_config import ModelConfig
+from attn.tokens import BOS_ID, PAD_ID
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -202,7 +86,7 @@ class _Embedder(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout_rate)
         self.emb_dim = cfg.emb_dim
 
-    def __call__(self, tokens, positions, *, deterministic, rngs) -> jax.Array:
+    def __call__(self, tokens, *, positions, deterministic, rngs) -> jax.Array:
         """tokens, positions: [B, T] -> [B, T, D]."""
         x = self.embed(tokens)  # [B, T, D], already x sqrt(d_model)
         if self.learned is not None:
@@ -226,10 +110,8 @@ def _attention(cfg: ModelConfig, rngs: nnx.Rngs) -> layers.MultiHeadAttention:
     )
 
 
-def _residual(cfg: ModelConfig, rngs: nnx.Rngs) -> layers.Residual:
-    return layers.Residual(
-        cfg.emb_dim, cfg.dropout_rate, pre_ln=cfg.pre_ln, dtype=cfg.compute_dtype, rngs=rngs
-    )
+def _residual(cfg: ModelConfig, rngs: nnx.Rngs) -> layers.ResidualNorm:
+    return layers.ResidualNorm(cfg.emb_dim, dtype=cfg.compute_dtype, rngs=rngs)
 
 
 def _final_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm | None:
@@ -239,26 +121,26 @@ def _final_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm | None:
     return nnx.LayerNorm(cfg.emb_dim, epsilon=1e-6, dtype=cfg.compute_dtype, rngs=rngs)
 
 
-def _layer_caller(remat: str, deterministic: bool, **kwargs):
-    """`call(layer, *args, rngs)`: runs a layer, under `nnx.remat` when training asks
-    for it (only a training pass has a backward pass to save memory for)."""
+# What each remat setting saves of a layer's forward pass ('full': only its input).
+_REMAT_POLICIES = {'full': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
-    def call(layer, *args):
-        *args, rngs = args
-        return layer(*args, deterministic=deterministic, rngs=rngs, **kwargs)
 
+def _layer_pass(layer_type: type, remat: str, deterministic: bool):
+    """`layer_type.__call__` for one pass of a stack, under `nnx.remat` when a training
+    pass asks for it (only a training pass has a backward pass to save memory for)."""
+    call = functools.partial(layer_type.__call__, deterministic=deterministic)
     if remat == 'none' or deterministic:
         return call
-    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == 'dots' else None
     # Only variable values (the dropout stream's count) leave the call, no graph changes.
-    return nnx.remat(call, policy=policy, graph_updates=False)
+    return nnx.remat(call, policy=_REMAT_POLICIES[remat], graph_updates=False)
 
 
 # ----------------------------------------------------------------------------- layers
 
 
 class EncoderLayer(nnx.Module):
-    """Self-attention, then a position-wise FFN, each in a residual block (§3.1)."""
+    """Self-attention, then a position-wise FFN, each in a residual connection (§3.1):
+    x = LayerNorm(x + Dropout(Sublayer(x))); with pre_ln x = x + Dropout(Sublayer(LayerNorm(x)))."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.self_attention = _attention(cfg, rngs)
@@ -267,22 +149,25 @@ class EncoderLayer(nnx.Module):
             cfg.emb_dim, cfg.mlp_dim, dtype=cfg.compute_dtype, rngs=rngs
         )
         self.feed_forward_residual = _residual(cfg, rngs)
+        self.dropout = nnx.Dropout(cfg.dropout_rate)
+        self.pre_ln = cfg.pre_ln
 
-    def __call__(self, x, mask, *, deterministic=True, rngs=None) -> jax.Array:
+    def __call__(self, x, *, mask, deterministic=True, rngs=None) -> jax.Array:
         """x: [B, S, D]; mask: [B, 1, S, S] -> [B, S, D]."""
-        x = self.self_attention_residual(
-            x,
-            lambda h: self.self_attention(h, h, mask, deterministic=deterministic, rngs=rngs),
-            deterministic=deterministic,
-            rngs=rngs,
-        )
-        return self.feed_forward_residual(
-            x, self.feed_forward, deterministic=deterministic, rngs=rngs
-        )
+        drop = functools.partial(self.dropout, deterministic=deterministic, rngs=rngs)
+        norm_1, norm_2 = self.self_attention_residual.norm, self.feed_forward_residual.norm
+        # Sub-layer 1: multi-head self-attention (§3.2.2).
+        h = norm_1(x) if self.pre_ln else x
+        h = self.self_attention(h, h, mask=mask, deterministic=deterministic, rngs=rngs)
+        x = x + drop(h) if self.pre_ln else norm_1(x + drop(h))
+        # Sub-layer 2: position-wise feed-forward network (§3.3).
+        h = self.feed_forward(norm_2(x) if self.pre_ln else x)
+        return x + drop(h) if self.pre_ln else norm_2(x + drop(h))
 
 
 class DecoderLayer(nnx.Module):
-    """Masked self-attention, encoder-decoder attention (unless decoder-only), FFN (§3.1)."""
+    """Masked self-attention, encoder-decoder attention (unless decoder-only) and a
+    position-wise FFN, each in a residual connection as in `EncoderLayer` (§3.1)."""
 
     def __init__(self, cfg: ModelConfig, *, cross_attention: bool = True, rngs: nnx.Rngs):
         self.self_attention = _attention(cfg, rngs)
@@ -296,40 +181,51 @@ class DecoderLayer(nnx.Module):
             cfg.emb_dim, cfg.mlp_dim, dtype=cfg.compute_dtype, rngs=rngs
         )
         self.feed_forward_residual = _residual(cfg, rngs)
+        self.dropout = nnx.Dropout(cfg.dropout_rate)
+        self.pre_ln = cfg.pre_ln
 
     def __call__(
         self,
         y,
-        self_mask,
+        *,
+        self_mask=None,
         encoded=None,
         cross_mask=None,
-        *,
         deterministic=True,
         rngs=None,
         decode=False,
     ) -> jax.Array:
-        """y: [B, T, D]; self_mask: [B, 1, T, T] (decode: [B, 1, 1, L] or None);
-        encoded: [B, S, D]; cross_mask: [B, 1, T, S] -> [B, T, D]."""
-        y = self.self_attention_residual(
-            y,
-            lambda h: self.self_attention(
-                h, h, self_mask, deterministic=deterministic, rngs=rngs, decode=decode
-            ),
-            deterministic=deterministic,
-            rngs=rngs,
-        )
+        """y: [B, T, D] -> [B, T, D].
+
+        Args:
+          self_mask: [B, 1, T, T] (None with decode: the cache masks what is not written).
+          encoded: [B, S, D] encoder output (None with decode: its keys/values are cached).
+          cross_mask: [B, 1, T, S].
+          decode: one position (T=1) through the caches of `Decoder.init_cache`.
+        """
+        drop = functools.partial(self.dropout, deterministic=deterministic, rngs=rngs)
+        train = dict(deterministic=deterministic, rngs=rngs)
+        # Sub-layer 1: masked self-attention, over the targets so far (§3.2.3).
+        norm = self.self_attention_residual.norm
+        h = norm(y) if self.pre_ln else y
+        if decode:
+            h = self.self_attention.append_and_attend(h)
+        else:
+            h = self.self_attention(h, h, mask=self_mask, **train)
+        y = y + drop(h) if self.pre_ln else norm(y + drop(h))
+        # Sub-layer 2: encoder-decoder attention, queries from the decoder (§3.2.3).
         if self.cross_attention is not None:
-            y = self.cross_attention_residual(
-                y,
-                lambda h: self.cross_attention(
-                    h, encoded, cross_mask, deterministic=deterministic, rngs=rngs, decode=decode
-                ),
-                deterministic=deterministic,
-                rngs=rngs,
-            )
-        return self.feed_forward_residual(
-            y, self.feed_forward, deterministic=deterministic, rngs=rngs
-        )
+            norm = self.cross_attention_residual.norm
+            h = norm(y) if self.pre_ln else y
+            if decode:
+                h = self.cross_attention.attend_to_source(h, mask=cross_mask)
+            else:
+                h = self.cross_attention(h, encoded, mask=cross_mask, **train)
+            y = y + drop(h) if self.pre_ln else norm(y + drop(h))
+        # Sub-layer 3: position-wise feed-forward network (§3.3).
+        norm = self.feed_forward_residual.norm
+        h = self.feed_forward(norm(y) if self.pre_ln else y)
+        return y + drop(h) if self.pre_ln else norm(y + drop(h))
 
 
 # ----------------------------------------------------------------------------- stacks
@@ -345,15 +241,15 @@ class Encoder(nnx.Module):
         self.remat = cfg.remat
 
     def __call__(
-        self, tokens, segments=None, positions=None, *, deterministic=True, rngs=None
+        self, tokens, *, segments=None, positions=None, deterministic=True, rngs=None
     ) -> jax.Array:
         """tokens, segments, positions: [B, S] -> encoded [B, S, D]."""
         segments, positions = _segments_and_positions(tokens, segments, positions)
         mask = attention_lib.segment_mask(segments, segments)  # [B, 1, S, S]
-        x = self.embedder(tokens, positions, deterministic=deterministic, rngs=rngs)
-        call = _layer_caller(self.remat, deterministic)
+        x = self.embedder(tokens, positions=positions, deterministic=deterministic, rngs=rngs)
+        layer_pass = _layer_pass(EncoderLayer, self.remat, deterministic)
         for layer in self.layers:
-            x = call(layer, x, mask, rngs)
+            x = layer_pass(layer, x, mask=mask, rngs=rngs)
         return x if self.final_norm is None else self.final_norm(x)
 
 
@@ -377,6 +273,7 @@ class Decoder(nnx.Module):
         )
         self.final_norm = _final_norm(cfg, rngs)
         self.remat = cfg.remat
+        self.attends_to_source = cross_attention
         if cfg.tie_output:
             self.logits_dense = None
         else:
@@ -384,57 +281,91 @@ class Decoder(nnx.Module):
                 cfg.emb_dim, cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, rngs=rngs
             )
 
-    def init_cache(self, batch_size: int, max_length: int, encoded=None) -> None:
-        """Caches for decode=True calls: every self-attention's keys/values (filled one
-        position per call) and, given `encoded` [B, S, D], the source's keys/values of
-        every encoder-decoder attention (projected once here)."""
-        if self.embedder.learned is not None:
-            check_learned_length(self.embedder.learned, max_length, 'decoding caches')
-        for layer in self.layers:
-            layer.self_attention.init_cache(batch_size, max_length)
-            if layer.cross_attention is not None and encoded is not None:
-                layer.cross_attention.init_cross_cache(encoded)
-
     def __call__(
         self,
         decoder_inputs,
+        *,
         segments=None,
         positions=None,
         encoded=None,
         encoder_segments=None,
-        *,
         deterministic=True,
         rngs=None,
-        decode=False,
         project=True,
     ) -> jax.Array:
-        """Logits of the next token at each position.
+        """Logits of the next token at every position (teacher forcing).
 
         Args:
-          decoder_inputs: [B, T] ids (targets shifted right; with decode=True one step, T=1).
-          segments, positions: [B, T]; with decode=True `positions` must hold the step.
-          encoded: [B, S, D] encoder output (None for a decoder-only model, or with
-            decode=True once `init_cache` has projected it).
+          decoder_inputs: [B, T] ids (targets shifted right).
+          segments, positions: [B, T].
+          encoded: [B, S, D] encoder output (None for a decoder-only model).
           encoder_segments: [B, S] segment ids of the source.
           project: False returns the final hidden states instead of the logits.
         Returns:
           [B, T, V] logits (or [B, T, D] hidden states: `logits` projects them).
         """
         segments, positions = _segments_and_positions(decoder_inputs, segments, positions)
-        if decode:
-            self_mask = None  # the cache masks positions not yet written
-        else:
-            self_mask = attention_lib.combine_masks(
-                attention_lib.segment_mask(segments, segments),
-                attention_lib.causal_mask(decoder_inputs.shape[1]),
-            )  # [B, 1, T, T]
+        self_mask = attention_lib.combine_masks(
+            attention_lib.segment_mask(segments, segments),
+            attention_lib.causal_mask(decoder_inputs.shape[1]),
+        )  # [B, 1, T, T]
         cross_mask = None
         if encoder_segments is not None:
             cross_mask = attention_lib.segment_mask(segments, encoder_segments)  # [B, 1, T, S]
-        y = self.embedder(decoder_inputs, positions, deterministic=deterministic, rngs=rngs)
-        call = _layer_caller(self.remat, deterministic, decode=decode)
+        y = self.embedder(
+            decoder_inputs, positions=positions, deterministic=deterministic, rngs=rngs
+        )
+        layer_pass = _layer_pass(DecoderLayer, self.remat, deterministic)
         for layer in self.layers:
-            y = call(layer, y, self_mask, encoded, cross_mask, rngs)
+            y = layer_pass(
+                layer, y, self_mask=self_mask, encoded=encoded, cross_mask=cross_mask, rngs=rngs
+            )
+        return self._finish(y, project)
+
+    def init_cache(self, batch_size: int, max_length: int, *, encoded=None) -> None:
+        """Caches for `decode_step`: every self-attention's keys/values (filled one
+        position per step) and, of a decoder with encoder-decoder attention, the keys/values
+        of this batch's source `encoded` [B, S, D] (projected once here). Refusing to run
+        without `encoded` keeps another batch's source from being attended to."""
+        if self.attends_to_source and encoded is None:
+            raise ValueError(
+                'Decoder.init_cache: this decoder attends to a source; pass encoded=[B, S, D], '
+                'the encoder output of the batch to decode.'
+            )
+        if not self.attends_to_source and encoded is not None:
+            raise ValueError('Decoder.init_cache: a decoder-only model takes no `encoded`.')
+        if encoded is not None and encoded.shape[0] != batch_size:
+            raise ValueError(
+                f'Decoder.init_cache: encoded has {encoded.shape[0]} rows, not {batch_size}.'
+            )
+        if self.embedder.learned is not None:
+            check_learned_length(self.embedder.learned, max_length, 'decoding caches')
+        for layer in self.layers:
+            layer.self_attention.init_cache(batch_size, max_length)
+            if self.attends_to_source:
+                layer.cross_attention.init_cross_cache(encoded)
+
+    def decode_step(self, tokens, *, positions, source_valid=None) -> jax.Array:
+        """Logits of the next token after one more position, through the caches.
+
+        Args:
+          tokens: [B, 1] the latest token of each row (BOS first).
+          positions: [B, 1] its position, the step.
+          source_valid: [B, S] bool, the source's real (non-PAD) tokens (None for a
+            decoder-only model).
+        Returns:
+          [B, 1, V] logits.
+        """
+        cross_mask = None
+        if source_valid is not None:
+            cross_mask = attention_lib.padding_mask(jnp.ones_like(tokens, bool), source_valid)
+        y = self.embedder(tokens, positions=positions, deterministic=True, rngs=None)
+        for layer in self.layers:
+            y = layer(y, cross_mask=cross_mask, decode=True)  # [B, 1, D]
+        return self._finish(y, project=True)
+
+    def _finish(self, y: jax.Array, project: bool) -> jax.Array:
+        """The final LayerNorm (pre-LN), then the logits unless `project` is False."""
         if self.final_norm is not None:
             y = self.final_norm(y)
         return self.logits(y) if project else y
@@ -469,35 +400,61 @@ class Transformer(nnx.Module):
         self.encoder = Encoder(cfg, source_embed, rngs=rngs)
         self.decoder = Decoder(cfg, target_embed, rngs=rngs)
 
-    def encode(self, inputs, inputs_segmentation=None, inputs_position=None, **kwargs):
-        """inputs: [B, S] ids -> encoded [B, S, D]. kwargs: deterministic, rngs."""
-        return self.encoder(inputs, inputs_segmentation, inputs_position, **kwargs)
+    def encode(
+        self,
+        inputs,
+        *,
+        inputs_segmentation=None,
+        inputs_position=None,
+        deterministic=True,
+        rngs=None,
+    ) -> jax.Array:
+        """inputs: [B, S] ids (segmentation, positions: [B, S]) -> encoded [B, S, D]."""
+        return self.encoder(
+            inputs,
+            segments=inputs_segmentation,
+            positions=inputs_position,
+            deterministic=deterministic,
+            rngs=rngs,
+        )
 
     def decode(
         self,
         encoded,
         inputs,
         decoder_inputs,
+        *,
         inputs_segmentation=None,
         targets_segmentation=None,
         targets_position=None,
-        **kwargs,
-    ):
-        """Next-token logits [B, T, V] for `decoder_inputs` [B, T] given `encoded` [B, S, D].
+        deterministic=True,
+        rngs=None,
+        project=True,
+    ) -> jax.Array:
+        """Next-token logits [B, T, V] for `decoder_inputs` [B, T] given `encoded` [B, S, D]
+        (project=False: hidden states [B, T, D]).
 
         `inputs` [B, S] (the source ids) give the source padding when
-        `inputs_segmentation` is None. kwargs: deterministic, rngs, decode, project.
+        `inputs_segmentation` is None.
         """
         if inputs_segmentation is None:
             inputs_segmentation = (inputs != PAD_ID).astype(jnp.int32)
         return self.decoder(
             decoder_inputs,
-            targets_segmentation,
-            targets_position,
-            encoded,
-            inputs_segmentation,
-            **kwargs,
+            segments=targets_segmentation,
+            positions=targets_position,
+            encoded=encoded,
+            encoder_segments=inputs_segmentation,
+            deterministic=deterministic,
+            rngs=rngs,
+            project=project,
         )
+
+    def decode_step(self, tokens, *, positions, inputs) -> jax.Array:
+        """Logits [B, 1, V] after `tokens` [B, 1] at `positions` [B, 1], through the caches
+        of `decoder.init_cache(..., encoded=...)`; the source ids `inputs` [B, S] give the
+        source padding."""
+        return self.decoder.decode_step(tokens, positions=positions, source_valid=inputs != PAD_ID)
 
     def __call__(
         self,
@@ -514,18 +471,23 @@ class Transformer(nnx.Module):
     ) -> jax.Array:
         """Teacher-forced logits [B, T, V] for `targets` [B, T] given `inputs` [B, S]
         (project=False: the decoder's final hidden states [B, T, D])."""
-        kwargs = dict(deterministic=deterministic, rngs=rngs)
-        encoded = self.encode(inputs, inputs_segmentation, inputs_position, **kwargs)
+        train = dict(deterministic=deterministic, rngs=rngs)
+        encoded = self.encode(
+            inputs,
+            inputs_segmentation=inputs_segmentation,
+            inputs_position=inputs_position,
+            **train,
+        )
         decoder_inputs = shift_right(targets, targets_segmentation, targets_position)
         return self.decode(
             encoded,
             inputs,
             decoder_inputs,
-            inputs_segmentation,
-            targets_segmentation,
-            targets_position,
+            inputs_segmentation=inputs_segmentation,
+            targets_segmentation=targets_segmentation,
+            targets_position=targets_position,
             project=project,
-            **kwargs,
+            **train,
         )
 
 
@@ -552,12 +514,17 @@ class LanguageModel(nnx.Module):
         decoder_inputs = shift_right(tokens, segmentation, position)
         return self.decoder(
             decoder_inputs,
-            segmentation,
-            position,
+            segments=segmentation,
+            positions=position,
             deterministic=deterministic,
             rngs=rngs,
             project=project,
         )
+
+    def decode_step(self, tokens, *, positions) -> jax.Array:
+        """Logits [B, 1, V] after `tokens` [B, 1] at `positions` [B, 1], through the caches
+        of `decoder.init_cache`."""
+        return self.decoder.decode_step(tokens, positions=positions)
 
 
 MODELS = {'transformer': Transformer, 'lm': LanguageModel}

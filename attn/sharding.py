@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from attn.model import ConfigError
+from attn.errors import ConfigError
 
 DATA_AXIS = 'data'
 # 'replicated': every device holds the whole train state. 'fsdp': each device holds a

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,9 @@ import optax
 from flax import nnx, struct
 
 from attn import sharding
-from attn.model import MODELS, PAD_ID, ConfigError, build_model, logits_from
+from attn.errors import ConfigError
+from attn.model import MODELS, build_model, logits_from
+from attn.tokens import PAD_ID
 
 # ------------------------------------------------------------------------------- loss
 
@@ -100,7 +102,10 @@ def chunked_cross_entropy(
 
 
 def target_weights(batch: dict[str, jax.Array]) -> jax.Array:
-    """[B, T] float32: 1 at real target tokens (segment > 0, or non-pad if unpacked)."""
+    """[B, T] float32: 1 at real target tokens (segment > 0, or non-pad if unpacked), or
+    the batch's own `targets_weights` where a task scores some tokens only."""
+    if 'targets_weights' in batch:
+        return batch['targets_weights'].astype(jnp.float32)
     if 'targets_segmentation' in batch:
         return (batch['targets_segmentation'] > 0).astype(jnp.float32)
     return (batch['targets'] != PAD_ID).astype(jnp.float32)
@@ -348,10 +353,20 @@ def evaluate_loss(eval_step, params, batches, mesh) -> dict[str, float]:
     return {'loss': float(totals['loss']) / weight, 'nll': nll, 'perplexity': float(np.exp(nll))}
 
 
-def setup(config, cfg, mesh):
-    """What a run of `config` (model `cfg`) steps with on `mesh`: (graphdef, rest, initial
-    TrainState, compiled train_step, compiled eval_step, dropout key)."""
-    jax.config.update('jax_threefry_partitionable', True)  # dropout independent of devices
+class Setup(NamedTuple):
+    """What a run steps with: the model split for `nnx.merge(graphdef, state.params,
+    rest)`, the initial TrainState, the compiled steps and the dropout key."""
+
+    graphdef: Any
+    rest: nnx.State  # the non-trained state (e.g. the RNG counts), replicated
+    state: TrainState
+    train: Any  # compiled train_step(state, batch, rng) -> (state, metrics)
+    evaluate: Any  # compiled eval_step(params, batch) -> loss sums
+    rng: jax.Array  # typed key of config.prng_impl, seeded by config.seed
+
+
+def setup(config, cfg, mesh) -> Setup:
+    """What a run of `config` (model `cfg`) steps with on `mesh`."""
     tx = make_optimizer(config.optimizer, cfg.emb_dim)
     mode = config.get('sharding', 'replicated')  # runs saved before FSDP have no field
     graphdef, rest, state = create_state(config.model_kind, cfg, config.seed, tx, mesh, mode=mode)
@@ -360,4 +375,4 @@ def setup(config, cfg, mesh):
     )
     train, evaluate = compile_steps(graphdef, rest, tx, step_cfg, mesh, mode=mode, state=state)
     rng = jax.random.key(config.seed, impl=config.prng_impl)
-    return graphdef, rest, state, train, evaluate, rng
+    return Setup(graphdef, rest, state, train, evaluate, rng)

@@ -17,7 +17,8 @@ from absl import flags
 from flax import nnx
 
 from attn import cli, configuration
-from attn.model import ModelConfig, build_model
+from attn.model import build_model
+from attn.model_config import ModelConfig
 
 
 def module_params(model: nnx.Module) -> dict[str, int]:

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import threading
-from typing import Any
 
 import jax
 import numpy as np
@@ -166,6 +165,9 @@ class Outcome:
 # What a checkpoint's data and tokenizer are made of: resuming with any other value would
 # read the saved embeddings with another vocabulary.
 DATA_FIELDS = ('name', 'config', 'vocab_size', 'source_lang', 'target_lang')
+# What the saved iterator state is laid out by, with its value in configs saved before the
+# field existed: the state restores only into a pipeline with the same value.
+ITERATOR_FIELDS = {'worker_count': 0}
 
 
 def train_and_evaluate(config, workdir: str, data: datasets.Data | None = None) -> Outcome:
@@ -175,13 +177,15 @@ def train_and_evaluate(config, workdir: str, data: datasets.Data | None = None) 
         ckpt = checkpoint.Checkpointer(
             workdir_lib.checkpoints(workdir), keep=config.keep_checkpoints
         )
+        train_iter = None
         try:
             _check_resumable(config, workdir, ckpt)  # before any tokenizer or data is built
             mesh = sharding.make_mesh()
             data = data or datasets.load(config)
             train_iter = data.train_iterator(config)
             cfg = configuration.model_config(config)
-            graphdef, rest, state, train, evaluate, rng = step_lib.setup(config, cfg, mesh)
+            steps = step_lib.setup(config, cfg, mesh)
+            state = steps.state
             if ckpt.latest_step() is not None:
                 workdir_lib.check_tokenizer(workdir, data.tokenizer)
                 state = ckpt.restore(state, train_iter)
@@ -197,15 +201,17 @@ def train_and_evaluate(config, workdir: str, data: datasets.Data | None = None) 
             workdir_lib.write_config(workdir, config)
             workdir_lib.write_tokenizer(workdir, data.tokenizer)
             reporter = _reporter(config, cfg, workdir, int(state.step))
-            steps = _Steps(graphdef, rest, train, evaluate, rng)
             return _loop(config, data, train_iter, mesh, ckpt, steps, state, reporter)
         finally:
+            if train_iter is not None:
+                train_iter.close()  # stops the pipeline's worker processes and thread
             ckpt.close()
 
 
 def _check_resumable(config, workdir: str, ckpt: checkpoint.Checkpointer) -> None:
-    """Refuses (UserError) to resume a checkpoint past config.total_steps, or one trained on
-    other data (`DATA_FIELDS` of the config saved with the newest checkpoint, else of
+    """Refuses (UserError) to resume a checkpoint past config.total_steps, one trained on
+    other data, or one whose iterator state another pipeline wrote (`DATA_FIELDS` and
+    `ITERATOR_FIELDS` of the config saved with the newest checkpoint, else of
     W/config.json), naming the field and both values."""
     latest = ckpt.latest_step()
     if latest is None:
@@ -217,8 +223,10 @@ def _check_resumable(config, workdir: str, ckpt: checkpoint.Checkpointer) -> Non
             'training it, or use a new --workdir.'
         )
     saved = _saved_config(ckpt) or workdir_lib.saved_config(workdir)
-    saved_data = (saved or {}).get('data') or {}
-    for field in DATA_FIELDS:
+    if saved is None:
+        return
+    saved_data = dict(ITERATOR_FIELDS) | (saved.get('data') or {})
+    for field in (*DATA_FIELDS, *ITERATOR_FIELDS):
         if field == 'source_lang' and config.model_kind == 'lm':
             continue  # a language model reads the target side only
         if field in saved_data and saved_data[field] != config.data.get(field):
@@ -254,18 +262,7 @@ def _reporter(config, cfg, workdir: str, start: int) -> _Reporter:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class _Steps:
-    """What `step_lib.setup` gives besides the state."""
-
-    graphdef: Any
-    rest: Any
-    train: Any
-    evaluate: Any
-    rng: Any
-
-
-def _loop(config, data, train_iter, mesh, ckpt, steps: _Steps, state, reporter) -> Outcome:
+def _loop(config, data, train_iter, mesh, ckpt, steps: step_lib.Setup, state, reporter) -> Outcome:
     """Steps from state.step to config.total_steps: logs, evaluates and checkpoints on the
     config's schedule, and saves and stops at a preemption or Ctrl-C."""
     preemption = _Preemption(ckpt)

@@ -22,7 +22,7 @@ from attn import cli, decode, restore
 from attn.data import datasets
 from attn.data import tokenizer as tokenizer_lib
 from attn.errors import UserError
-from attn.model import EOS_ID, PAD_ID
+from attn.tokens import EOS_ID, PAD_ID
 
 
 def read_lines(stream: Iterable[bytes]) -> Iterator[str]:

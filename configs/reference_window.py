@@ -13,28 +13,25 @@ experiments/reference_window/task.py). `:size=tiny` is the test's few-second ver
 
 from ml_collections import config_dict
 
-from configs import common
-from experiments.reference_window import task
+from attn import config_lib
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, size='small', kind='offset', max_k=64, steps=2000)
-    common.check_choice('size', arg.size, ('tiny', 'small'))
-    common.check_choice('kind', arg.kind, task.KINDS)
+    arg = config_lib.parse_arg(arg, size='small', kind='offset', max_k=64, steps=2000)
+    config_lib.check_choice('size', arg.size, ('tiny', 'small'))
     tiny = arg.size == 'tiny'
     config = config_dict.ConfigDict()
     config.seed = 0
     config.task = config_dict.ConfigDict()
-    config.task.kind = arg.kind
+    config.task.kind = arg.kind  # checked by the study against the task's kinds
     config.task.content_tokens = 18
     config.task.max_k = 8 if tiny else arg.max_k
     config.eval_examples_per_k = 16 if tiny else 256
-    # The Transformer; the recurrent models get the same embedding width and whatever
-    # hidden size brings their parameter count nearest to its.
-    config.model = common.model_config('tiny')
+    # The Transformer (its vocabulary and length are the task's); the recurrent models get
+    # the same embedding width and whatever hidden size brings their parameter count
+    # nearest to its.
+    config.model = config_lib.model_config('tiny')
     config.model.update(num_layers=2, emb_dim=64, mlp_dim=256, num_heads=4, dropout_rate=0.0)
-    config.model.vocab_size = task.vocab_size(arg.kind, 18, config.task.max_k)
-    config.model.max_len = config.task.max_k + 3
     config.models = ('transformer', 'rnn', 'gru', 'lstm')
     config.steps = 4 if tiny else arg.steps
     config.batch_size = 8 if tiny else 64

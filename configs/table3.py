@@ -19,7 +19,9 @@ for each row; `python -m attn.summary --config=configs/table3.py:row=R` gives ou
 `seed=N` changes initialization, dropout and data order, to measure seed noise.
 """
 
-from configs import common, l10n
+import pathlib
+
+from attn import config_lib
 
 # Model overrides of each row relative to base (Table 3).
 ROWS = {
@@ -42,7 +44,7 @@ ROWS = {
     'D3': {},  # label smoothing 0.0, set below
     'D4': {},  # label smoothing 0.2
     'E': dict(positions='learned'),
-    'big': dict(common.SIZES['big']),
+    'big': dict(config_lib.SIZES['big']),
 }
 LABEL_SMOOTHING = {'D3': 0.0, 'D4': 0.2}
 TOTAL_STEPS = {'big': 300_000}  # every other row: 100K steps
@@ -73,10 +75,10 @@ PAPER = {
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, row='base', dataset='wmt14', shrink=0, seed=0, runlocal=False)
-    common.check_choice('row', arg.row, ROWS)
-    common.check_choice('dataset', arg.dataset, ('wmt14', 'l10n'))
-    config = common.base_config('base')
+    arg = config_lib.parse_arg(arg, row='base', dataset='wmt14', shrink=0, seed=0, runlocal=False)
+    config_lib.check_choice('row', arg.row, ROWS)
+    config_lib.check_choice('dataset', arg.dataset, ('wmt14', 'l10n'))
+    config = config_lib.base_config('base')
     for field, value in ROWS[arg.row].items():
         config.model[field] = value
     config.label_smoothing = LABEL_SMOOTHING.get(arg.row, 0.1)
@@ -87,7 +89,7 @@ def get_config(arg=None):
         _shrink(config, arg.shrink)
     config.keep_checkpoints = 1  # Table 3 uses no checkpoint averaging
     config.seed = arg.seed  # initialization, dropout and data order: seed noise
-    return common.finalize(config, arg)
+    return config_lib.finalize(config, arg)
 
 
 def _shrink(config, factor: int) -> None:
@@ -99,7 +101,7 @@ def _shrink(config, factor: int) -> None:
 
 def _small_scale(config, factor: int) -> None:
     """The embedded corpus with the quickstart's data and learning rate; widths / factor."""
-    quickstart = l10n.get_config()
+    quickstart = config_lib.load(pathlib.Path(__file__).with_name('l10n.py'))
     for field in ('name', 'config', 'source_lang', 'target_lang', 'vocab_size'):
         config.data[field] = quickstart.data[field]
     for field in ('tokens_per_batch', 'max_length', 'eval_split'):

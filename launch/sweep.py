@@ -20,8 +20,9 @@ import shutil
 import subprocess
 import sys
 
+from attn import config_lib
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # configs/ is imported from the repository root
 
 
 def load_sweep(folder: str, arg: str | None) -> list[tuple[str, str]]:
@@ -35,10 +36,9 @@ def load_sweep(folder: str, arg: str | None) -> list[tuple[str, str]]:
 
 
 def load_config(config: str):
-    """The ConfigDict of 'configs/NAME.py:arg'."""
+    """The ConfigDict of 'configs/NAME.py:arg' (a path from the working directory)."""
     file, _, arg = config.partition(':')
-    module = importlib.import_module('configs.' + pathlib.Path(file).stem)
-    return module.get_config(arg or None)
+    return config_lib.load(file, arg)
 
 
 def status(workdir: pathlib.Path, config) -> str:

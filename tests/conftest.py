@@ -49,8 +49,8 @@ def fixture_corpus(tmp_path_factory):
     """data_dir of the embedded corpus built from the builder tests' fixture packages,
     with its tokenizer (trained here, once, before any processes share it)."""
     from attn.data import datasets, debian, l10n_translate
-    from configs import l10n
     from tests import debian_packages as fixtures
+    from tests.toy import l10n
 
     base = tmp_path_factory.mktemp('corpus')
     manual = base / 'manual'

@@ -1,4 +1,6 @@
-"""Prints the losses of 20 train steps of a tiny model (dropout on) as JSON.
+"""Prints the loss and gradient norm of each of 20 train steps of a tiny model (dropout on)
+as JSON: Adam makes the same update of a gradient scaled by any factor, so the losses alone
+would not show a gradient summed where it should be averaged.
 
 Run in its own process: `XLA_FLAGS=--xla_force_host_platform_device_count=N python -m
 tests.multidevice_losses [coordinator num_processes process_id]`; the tests compare 1
@@ -12,22 +14,20 @@ import sys
 import jax
 import numpy as np
 
-from attn import distributed, sharding, step
-from attn.model import ModelConfig
-from configs import common
+from attn import config_lib, distributed, sharding, step
+from attn.model_config import ModelConfig
 
 
 def tiny_setup(num_layers: int):
     """(model config, Adam on the paper's schedule, mesh over every device) of a tiny
-    Transformer, with dropout masks that do not depend on the device count."""
-    jax.config.update('jax_threefry_partitionable', True)
+    Transformer."""
     cfg = ModelConfig(vocab_size=64, num_layers=num_layers, emb_dim=32, num_heads=4, mlp_dim=64)
-    optimizer = common.base_config('tiny').optimizer
+    optimizer = config_lib.base_config('tiny').optimizer
     optimizer.warmup_steps = 10
     return cfg, step.make_optimizer(optimizer, cfg.emb_dim), sharding.make_mesh()
 
 
-def losses(steps: int = 20) -> list[float]:
+def losses(steps: int = 20) -> list[list[float]]:
     cfg, tx, mesh = tiny_setup(num_layers=2)
     graphdef, rest, state = step.create_state('transformer', cfg, 0, tx, mesh)
     step_fn, _ = step.compile_steps(graphdef, rest, tx, step.StepConfig('transformer', 0.1), mesh)
@@ -43,8 +43,8 @@ def losses(steps: int = 20) -> list[float]:
             k: v[jax.process_index() * rows : (jax.process_index() + 1) * rows]
             for k, v in batch.items()
         }
-        state, metrics = step_fn(state, sharding.global_batch(mesh, local), jax.random.PRNGKey(0))
-        out.append(float(metrics['loss']))
+        state, metrics = step_fn(state, sharding.global_batch(mesh, local), jax.random.key(0))
+        out.append([float(metrics['loss']), float(metrics['grad_norm'])])
     return out
 
 

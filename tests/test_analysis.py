@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from attn import analysis, analyze, restore
+from attn.tokens import EOS_ID, PAD_ID
 
 
 @pytest.fixture
@@ -32,9 +33,7 @@ def test_analyze_writes_pictures_and_statistics(trained, tmp_path):
             ('decoder', 'cross_attention'),
         )
     }
-    for rows in heads.values():
-        for row in rows:
-            assert 0.0 <= row['confidence'] <= 1.0 and row['entropy'] >= 0.0
+    assert all(len(rows) == 4 for rows in heads.values())
     curve = json.loads((tmp_path / 'pruning.json').read_text())
     assert curve[0]['masked'] == 0 and curve[-1]['masked'] == 24
     bertviz = json.loads((tmp_path / 'bertviz.json').read_text())
@@ -44,6 +43,24 @@ def test_analyze_writes_pictures_and_statistics(trained, tmp_path):
         len(bertviz['tokens']['cross_attention']['query']),
         len(bertviz['tokens']['cross_attention']['key']),
     )
+
+
+def test_head_statistics_by_hand():
+    """3 heads, keys [a, b, c, EOS], queries [a, b, PAD]: uniform (entropy ln 4); one-hot two
+    keys ahead (the second query's is EOS, left out of confidence); one-hot on the first key.
+    The PAD query's row would change every mean."""
+    query, key = np.array([[5, 6, PAD_ID]]), np.array([[5, 6, 7, EOS_ID]])
+    weights = np.zeros((1, 3, 3, 4))
+    weights[0, 0] = 0.25
+    weights[0, 1, [0, 1], [2, 3]] = 1.0
+    weights[0, 2, :, 0] = 1.0
+    weights[0, 1:, 2] = np.array([0.0, 0.0, 0.0, 1.0])  # the PAD query's
+    stats = analysis.head_statistics(weights, query, key)
+    assert stats == [
+        {'entropy': pytest.approx(np.log(4)), 'confidence': 0.25, 'mean_distance': 1.25},
+        {'entropy': 0.0, 'confidence': 0.5, 'mean_distance': 2.0},
+        {'entropy': 0.0, 'confidence': 1.0, 'mean_distance': 0.5},
+    ]
 
 
 def test_attention_rows_sum_to_one_and_masking_a_head_matters(trained):

@@ -131,18 +131,40 @@ def test_fully_masked_rows_stay_finite(dtype):
     np.testing.assert_allclose(np.asarray(probs), 1.0 / 7, rtol=1e-6)
 
 
-def test_attention_dropout():
+def test_attention_dropout_scales_kept_weights_by_one_over_keep():
+    """With one-hot values the output is the dropped-out weights themselves, which
+    recovers the mask: each weight is either 0 or p / (1 - rate), and about 1 - rate of
+    them are kept (1024 weights: the kept fraction's std is 0.014, the bound is 5 std).
+    rate != 0.5, so that confusing the keep and drop probabilities shows."""
+    rate, S = 0.25, 8
+    q, k, _ = random_qkv(3, B=4, T=8, S=S, N=4, K=4)
+    v = np.broadcast_to(np.eye(S, dtype=np.float32)[None, :, None, :], (4, S, 4, S))
+    out, probs = attention.reference_attention(
+        q, k, v, dropout_rate=rate, dropout_rng=jax.random.key(0)
+    )
+    dropped = np.asarray(out).transpose(0, 2, 1, 3)  # [B, N, T, S]: weights after dropout
+    probs = np.asarray(probs)
+    kept = dropped != 0.0
+    np.testing.assert_allclose(dropped[kept], probs[kept] / (1.0 - rate), rtol=1e-6)
+    assert abs(kept.mean() - (1.0 - rate)) < 0.07
+    plain = attention.reference_attention(q, k, v)[0]
+    np.testing.assert_allclose(np.asarray(plain).transpose(0, 2, 1, 3), probs, atol=1e-6)
+
+
+def test_dispatch_guards_and_weights():
     q, k, v = random_qkv(3)
-    with pytest.raises(ValueError, match='dropout_rng'):
+    with pytest.raises(ValueError, match='dropout_rate > 0 needs a dropout_rng'):
         attention.reference_attention(q, k, v, dropout_rate=0.5)
-    with pytest.raises(ValueError, match='attention_dropout_rate=0'):
+    with pytest.raises(ValueError, match='set attention_dropout_rate=0'):
         attention.dot_product_attention(
             q, k, v, implementation='fused', dropout_rate=0.1, dropout_rng=jax.random.key(0)
         )
-    dropped, _ = attention.reference_attention(
-        q, k, v, dropout_rate=0.5, dropout_rng=jax.random.key(0)
-    )
-    plain, _ = attention.reference_attention(q, k, v)
-    assert not np.allclose(dropped, plain)
-    with pytest.raises(ValueError, match='Unknown attention implementation'):
+    with pytest.raises(ValueError, match=r"Unknown attention implementation 'flash'"):
         attention.dot_product_attention(q, k, v, implementation='flash')
+    # The fused kernels return no weights: asking for them runs the reference path.
+    out, probs = attention.dot_product_attention(
+        q, k, v, implementation='fused', return_weights=True
+    )
+    ref_out, ref_probs = attention.reference_attention(q, k, v)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(probs, ref_probs)

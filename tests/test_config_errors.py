@@ -13,20 +13,19 @@ import jax
 import pytest
 import tensorflow_datasets as tfds
 
-from attn import configuration
+from attn import config_lib, configuration
 from attn import train as train_lib
 from attn.data import datasets
-from attn.model import ConfigError
-from configs import l10n
-from tests import toy
+from attn.errors import ConfigError
 from tests.test_configs import ALL, load
+from tests.toy import l10n
 
 ROOT = pathlib.Path(__file__).parent.parent
 
 
 def tiny(**fields):
     """configs/l10n.py:size=tiny with dotted `fields` set."""
-    return toy.set_fields(l10n.get_config('size=tiny'), fields)
+    return config_lib.set_fields(l10n.get_config('size=tiny'), fields)
 
 
 @pytest.mark.parametrize('name,arg', ALL, ids=[f'{n}:{a}' for n, a in ALL])

@@ -1,19 +1,17 @@
 """Every config builds a model of the right shapes; Table 3 parameter counts; bad configs raise."""
 
-import importlib
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from attn import configuration, decode
-from attn.model import ModelConfig, build_model
+from attn import config_lib, configuration, decode
+from attn.model import build_model
+from attn.model_config import ModelConfig
 from attn.summary import summarize
-from configs import common, table3
+from tests.toy import CONFIGS
 
-CONFIG_DIR = pathlib.Path(__file__).parent.parent / 'configs'
+table3 = config_lib.load_module(CONFIGS / 'table3.py')
 
 # Every config file with the argument variants it documents.
 VARIANTS = {
@@ -28,12 +26,12 @@ ALL = [(name, arg) for name, args in VARIANTS.items() for arg in args]
 
 
 def load(name, arg):
-    return importlib.import_module(f'configs.{name}').get_config(arg or None)
+    return config_lib.load(CONFIGS / f'{name}.py', arg)
 
 
 def test_every_config_file_is_covered():
     studies = {'reference_window'}  # not attn.train configs; tests/test_reference_window.py
-    files = {p.stem for p in CONFIG_DIR.glob('*.py')} - {'__init__', 'common'} - studies
+    files = {p.stem for p in CONFIGS.glob('*.py')} - studies
     assert files == set(VARIANTS)
 
 
@@ -186,7 +184,7 @@ def test_bad_config_argument_raises(name, arg, match):
 
 
 def test_parse_arg_types():
-    arg = common.parse_arg(
+    arg = config_lib.parse_arg(
         'steps=5,runlocal,scale=0.5,name=x', steps=1, runlocal=False, scale=1.0, name=''
     )
     assert (arg.steps, arg.runlocal, arg.scale, arg.name) == (5, True, 0.5, 'x')

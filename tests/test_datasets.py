@@ -1,24 +1,30 @@
-"""Datasets from configs: WMT14 through TFDS's own builder (mocked), fail-fast when missing."""
+"""Datasets from configs: WMT14 prepared and read through TFDS's own builder, fail-fast
+when missing, damaged record files named."""
 
-import itertools
+import pathlib
 import shutil
+import socket
 import time
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from attn.data import datasets, pipeline
-from configs import l10n, lm, wmt14
+from attn import config_lib
+from attn import prepare as prepare_lib
+from attn.data import datasets
+from tests import toy
+from tests.toy import CONFIGS
 
 
 def _offline(monkeypatch, reachable=False):
     monkeypatch.setattr(datasets, '_host_reachable', lambda host, timeout=5.0: reachable)
 
 
-@pytest.mark.parametrize('get_config', [wmt14.get_config, lambda: lm.get_config('dataset=lm1b')])
-def test_unprepared_dataset_fails_fast_with_instructions(get_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize('file,arg', [('wmt14.py', None), ('lm.py', 'dataset=lm1b')])
+def test_unprepared_dataset_fails_fast_with_instructions(file, arg, tmp_path, monkeypatch):
     _offline(monkeypatch)
-    config = get_config()
+    config = config_lib.load(CONFIGS / file, arg)
     config.data.data_dir = str(tmp_path)
     for prepare in (False, True):
         start = time.monotonic()
@@ -29,27 +35,76 @@ def test_unprepared_dataset_fails_fast_with_instructions(get_config, tmp_path, m
         datasets.builder(config.data, prepare=True)
 
 
-def test_wmt14_through_tfds_mock_data(tmp_path, monkeypatch):
-    """As if prepared: mock_data serves random examples in WMT14's features."""
-    monkeypatch.setattr(tfds.core.DatasetBuilder, 'is_prepared', lambda self: True)
-    config = wmt14.get_config()
-    config.data.data_dir = str(tmp_path)
-    config.data.vocab_size = 280
+def _no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError('no network in tests')
+
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+
+
+def _fake_wmt14_downloads(root: pathlib.Path) -> dict[str, list[dict[str, bytes]]]:
+    """The files TFDS's wmt14_translate/de-en extracts from its downloads, written under
+    `root` with the toy corpus in them (plain text for training and newstest2013, SGML for
+    newstest2014); the examples of each split."""
+    from tensorflow_datasets.translate import wmt
+
+    splits = {'train': [], 'validation': [], 'test': []}
+    subsets = {
+        'train': ['europarl_v7', 'commoncrawl', 'newscommentary_v9'],
+        'validation': ['newstest2013'],
+        'test': ['newstest2014'],
+    }
+    sizes = {'train': 100, 'validation': 30, 'test': 20}
+    for seed, (split, name) in enumerate((s, n) for s, names in subsets.items() for n in names):
+        examples = toy.corpus(sizes[split], seed=seed)
+        splits[split] += examples
+        for path in wmt.DATASET_MAP[name].get_path('de'):
+            lang = path.removesuffix('.sgm').rsplit('.', 1)[-1]
+            lines = [x[lang].decode() for x in examples]
+            if path.endswith('.sgm'):
+                lines = [f'<seg id="{i}">{line}</seg>' for i, line in enumerate(lines, 1)]
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).write_text('\n'.join(lines) + '\n')
+    return splits
+
+
+def test_wmt14_prepared_by_tfds_own_builder_is_found_and_read(tmp_path, monkeypatch):
+    """attn.prepare runs TFDS's wmt14_translate builder (its downloads are local files
+    here), which writes array_record; the next run finds it prepared and reads it."""
+    _no_network(monkeypatch)
+    _offline(monkeypatch, reachable=True)  # www.statmt.org answers, as on a prepare host
+    downloads = tmp_path / 'extracted'
+    written = _fake_wmt14_downloads(downloads)
+
+    def extracted(self, resources):  # every URL: the folder its files were extracted to
+        return tfds.core.utils.map_nested(lambda _: str(downloads), resources)
+
+    monkeypatch.setattr(tfds.download.DownloadManager, 'download_and_extract', extracted)
+    monkeypatch.setattr(tfds.download.DownloadManager, 'extract', extracted)
+    config = config_lib.load(CONFIGS / 'wmt14.py')
+    config.data.data_dir = str(tmp_path / 'data')
+    config.data.vocab_size = toy.VOCAB_SIZE
     config.data.tokens_per_batch = 256
     config.data.max_length = 64
-    with tfds.testing.mock_data(num_examples=300, policy=tfds.testing.MockPolicy.USE_CODE):
-        builder = datasets.builder(config.data)
-        data = datasets.load(config)
-        assert builder.info.full_name.startswith('wmt14_translate/de-en')
-        assert data.features == ('en', 'de')
-        assert len(data.splits['train']) == 300
-        batch = next(data.train_iterator(config))
-        assert batch['inputs'].shape == batch['targets'].shape == (4, 64)
-        assert pipeline.packing_efficiency(batch) > 0.5
-        eval_batch = next(iter(data.eval_batches(config)))
-        assert {'inputs', 'targets', 'index'} <= set(eval_batch)
-        assert list(itertools.islice(data.eval_batches(config), 100))  # whole test split
-    assert data.tokenizer.vocab_size == 280
+    with pytest.raises(datasets.DataError, match='not built yet'):
+        datasets.builder(config.data)
+    summary = prepare_lib.prepare(config)
+    assert summary['dataset'] == 'wmt14_translate/de-en' and summary['vocab_size'] == toy.VOCAB_SIZE
+    assert summary['examples'] == {'train': 300, 'validation': 30, 'test': 20}
+    prepared = tmp_path / 'data' / 'wmt14_translate' / 'de-en'
+    assert len(list(prepared.glob('*/wmt14_translate-train.array_record-*'))) == 1
+    monkeypatch.undo()  # nothing is downloaded again: the prepared files are read
+    _no_network(monkeypatch)
+    data = datasets.load(config, list(written))
+    assert data.features == ('en', 'de')
+    for split, examples in written.items():
+        source = data.splits[split]
+        read = sorted((source[i]['en'], source[i]['de']) for i in range(len(source)))
+        assert read == sorted((x['en'], x['de']) for x in examples), split
+    batch = next(data.train_iterator(config))
+    assert batch['inputs'].shape == batch['targets'].shape == (4, 64)
+    indices = np.concatenate([b['index'] for b in data.eval_batches(config, 'test')])
+    assert sorted(indices[indices >= 0]) == list(range(20))  # the whole test split, once
 
 
 def test_a_truncated_record_file_is_named_before_anything_runs(fixture_corpus, tmp_path):
@@ -57,7 +112,7 @@ def test_a_truncated_record_file_is_named_before_anything_runs(fixture_corpus, t
     shutil.copytree(fixture_corpus, data_dir)
     (train,) = data_dir.glob('l10n_translate/en-de/*/l10n_translate-train.array_record*')
     train.write_bytes(train.read_bytes()[: train.stat().st_size // 2])
-    config = l10n.get_config('size=tiny')
+    config = config_lib.load(CONFIGS / 'l10n.py', 'size=tiny')
     config.data.data_dir = str(data_dir)
     with pytest.raises(datasets.DataError, match=r"of the 'train' split .* damaged or truncated"):
         datasets.load(config)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from attn import evaluate, restore, translate
+from attn.data import datasets
 from attn.errors import UserError
 from tests import toy
 
@@ -16,15 +17,33 @@ def trained(toy_run):
     return toy_run
 
 
-def test_evaluate_reports_bleu_perplexity_and_writes_it(trained):
+def test_evaluate_scores_the_averaged_models_translations_against_the_target_side(trained):
+    """References that are the averaged model's own beam-2 translations score BLEU 100
+    (sacreBLEU and paper-style): so evaluate decodes with that model and beam, in order,
+    against the target side; and its speed is those translations' tokens over its time."""
     workdir, data = trained
-    report = evaluate.evaluate(workdir, split='test', average_last=2, beam_size=2, data=data)
+    run = restore.load(workdir, average_last=2)
+    alpha = run.config.decode.alpha
+    test = data.splits['test']
+    hypotheses, generated = evaluate.translate_split(
+        run.model, run.config, data, 'test', beam_size=2, alpha=alpha, mesh=run.mesh
+    )
+    # Each example's German side replaced by its translation.
+    oracle = [{'en': x['en'], 'de': h.encode()} for x, h in zip(test, hypotheses, strict=True)]
+    oracle_data = datasets.Data(data.tokenizer, data.features, {'test': oracle})
+    report = evaluate.evaluate(workdir, split='test', average_last=2, beam_size=2, data=oracle_data)
     assert report['examples'] == 24 and report['checkpoint_steps'] == [3, 6]
-    assert 0.0 <= report['sacrebleu']['bleu'] <= 100.0
+    assert report['sacrebleu']['bleu'] == pytest.approx(100.0)
     assert 'tok:13a' in report['sacrebleu']['signature']
-    assert 0.0 <= report['paper_bleu']['bleu'] <= 100.0
+    assert report['paper_bleu']['bleu'] == pytest.approx(100.0)
+    assert [s['translation'] for s in report['samples']] == hypotheses[:5]
     assert report['perplexity'] == pytest.approx(np.exp(report['nll']))
-    assert report['decode']['beam_size'] == 2 and report['decode']['target_tokens_per_s'] > 0
+    speed = report['decode']
+    assert speed['beam_size'] == 2 and speed['alpha'] == alpha
+    # seconds is rounded to 0.01 s: the rates agree to that rounding
+    rel = 0.006 / speed['seconds'] + 1e-3
+    assert speed['target_tokens_per_s'] == pytest.approx(generated / speed['seconds'], rel=rel)
+    assert speed['sentences_per_s'] == pytest.approx(24 / speed['seconds'], rel=rel)
     with open(os.path.join(workdir, 'eval', 'test-6-avg2.json')) as f:
         assert json.load(f)['sacrebleu'] == report['sacrebleu']
 

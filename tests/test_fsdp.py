@@ -17,9 +17,10 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from attn import checkpoint, sharding, step
-from attn.model import ConfigError, ModelConfig, build_model
-from configs import common
+from attn import checkpoint, config_lib, sharding, step
+from attn.errors import ConfigError
+from attn.model import build_model
+from attn.model_config import ModelConfig
 from tests import multidevice_losses, toy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +66,7 @@ def test_state_shardings_keep_the_train_state_structure():
     """A TrainState (nnx.State of params, Adam moments, step count) as ShapeDtypeStructs:
     each moment is split like its parameter, the counts are replicated."""
     cfg = ModelConfig(vocab_size=32, num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32)
-    tx = step.make_optimizer(common.base_config('tiny').optimizer, cfg.emb_dim)
+    tx = step.make_optimizer(config_lib.base_config('tiny').optimizer, cfg.emb_dim)
     abstract = jax.eval_shape(lambda: step.init_state(build_model('transformer', cfg), tx)[2])
     shardings = sharding.state_shardings(abstract, _two_devices(), 'fsdp')
     assert jax.tree.structure(shardings) == jax.tree.structure(abstract)
@@ -89,14 +90,14 @@ def test_setup_reads_config_sharding_and_old_configs_stay_replicated():
     config = toy.config(sharding='fsdp')
     cfg = ModelConfig(vocab_size=64, num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32)
     batches = [{k: v[:4] for k, v in _batches(1)[0].items()}]
-    _, _, fsdp, _, evaluate, _ = step.setup(config, cfg, mesh)
-    fsdp_loss = step.evaluate_loss(evaluate, fsdp.params, batches, mesh)['loss']
+    fsdp = step.setup(config, cfg, mesh)
+    fsdp_loss = step.evaluate_loss(fsdp.evaluate, fsdp.state.params, batches, mesh)['loss']
     with config.unlocked():
         del config['sharding']  # a config saved before the field existed
-    _, _, replicated, _, evaluate, _ = step.setup(config, cfg, mesh)
-    assert len({x.sharding.spec for x in jax.tree.leaves(fsdp)}) > 1
-    assert {x.sharding.spec for x in jax.tree.leaves(replicated)} == {P()}
-    loss = step.evaluate_loss(evaluate, replicated.params, batches, mesh)['loss']
+    replicated = step.setup(config, cfg, mesh)
+    assert len({x.sharding.spec for x in jax.tree.leaves(fsdp.state)}) > 1
+    assert {x.sharding.spec for x in jax.tree.leaves(replicated.state)} == {P()}
+    loss = step.evaluate_loss(replicated.evaluate, replicated.state.params, batches, mesh)['loss']
     assert fsdp_loss == pytest.approx(loss, rel=1e-6)
 
 
@@ -173,7 +174,7 @@ def _measure(directory: str) -> dict:
     arrays are split, and the losses after resuming the other layout's step-2 checkpoint."""
     cfg, tx, mesh = multidevice_losses.tiny_setup(num_layers=1)
     batches = [sharding.global_batch(mesh, b) for b in _batches(STEPS)]
-    rng = jax.random.PRNGKey(0)
+    rng = jax.random.key(0)
     out, runs = {'devices': jax.device_count()}, {}
     for mode in ('replicated', 'fsdp'):
         graphdef, rest, state = step.create_state('transformer', cfg, 0, tx, mesh, mode=mode)

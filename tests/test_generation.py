@@ -9,8 +9,10 @@ from flax import nnx
 from PIL import Image
 
 from attn import generation, restore
+from attn.configuration import ModelConfig
 from attn.errors import UserError
-from attn.model import EOS_ID, LanguageModel, ModelConfig
+from attn.model import LanguageModel
+from attn.tokens import EOS_ID
 from tests import toy
 
 CFG = ModelConfig(

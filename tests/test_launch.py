@@ -9,6 +9,8 @@ import subprocess
 
 import pytest
 
+from attn import config_lib
+
 ROOT = pathlib.Path(__file__).parent.parent
 SCRIPTS = sorted(p for p in (ROOT / 'launch').iterdir() if p.suffix in ('.sh', '.sbatch')) + [
     ROOT / 'experiments' / 'benchmark' / 'gpu.sh'
@@ -133,10 +135,9 @@ def test_slurm_job_without_eval_split_only_trains(tmp_path):
 
 def _finished_run(workdir, config_arg, perplexity, bleu):
     """A workdir as a finished small-scale Table 3 run leaves it."""
-    from configs import table3
-
     (workdir / 'eval').mkdir(parents=True)
-    (workdir / 'config.json').write_text(table3.get_config(config_arg).to_json())
+    config = config_lib.load(ROOT / 'configs' / 'table3.py', config_arg)
+    (workdir / 'config.json').write_text(config.to_json())
     (workdir / 'metrics.jsonl').write_text(
         '{"step": 25, "time": 1000.0, "loss": 5.0}\n{"step": 600, "time": 1600.0, "loss": 3.0}\n'
     )

@@ -58,7 +58,7 @@ def test_multi_head_attention_matches_float64(implementation):
     mask = attention.padding_mask(
         jnp.ones((2, 3), bool), jnp.array([[1] * 6, [1] * 4 + [0] * 2], bool)
     )
-    out = mha(x_q, x_kv, mask)
+    out = mha(x_q, x_kv, mask=mask)
     assert out.shape == (2, 3, 12)
     assert np.abs(np.asarray(out) - numpy_mha(mha, x_q, x_kv, mask)).max() < 1e-5
 
@@ -82,7 +82,7 @@ def test_sown_attention_weights():
     _, captured = nnx.capture(mha, nnx.Intermediate)(x, x)
     assert not captured  # nothing sown unless asked
     mha.capture_weights = True
-    _, captured = nnx.capture(mha, nnx.Intermediate)(x, x, attention.causal_mask(5))
+    _, captured = nnx.capture(mha, nnx.Intermediate)(x, x, mask=attention.causal_mask(5))
     (weights,) = captured['attention_weights'].get_value()
     assert weights.shape == (2, 2, 5, 5)
     np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, atol=1e-6)
@@ -114,44 +114,47 @@ def test_learned_positions_lookup():
     )
 
 
-@pytest.mark.parametrize('pre_ln', [False, True])
-def test_residual_order(pre_ln):
-    """Post-LN: LayerNorm(x + Sublayer(x)); pre-LN: x + Sublayer(LayerNorm(x)) (no dropout)."""
-    block = layers.Residual(5, 0.0, pre_ln=pre_ln, dtype=jnp.float32, rngs=nnx.Rngs(6))
-    block.norm.scale[...] = jnp.linspace(0.5, 1.5, 5)
-    block.norm.bias[...] = jnp.linspace(-1, 1, 5)
-    scale, bias = np.asarray(block.norm.scale[...]), np.asarray(block.norm.bias[...])
-    x = np.random.default_rng(6).standard_normal((1, 3, 5))
-
-    def sublayer(h):
-        return h**2
-
-    got = np.asarray(block(jnp.asarray(x, jnp.float32), sublayer, deterministic=True, rngs=None))
-    if pre_ln:
-        expected = x + numpy_layer_norm(x, scale, bias) ** 2
-    else:
-        expected = numpy_layer_norm(x + x**2, scale, bias)
-    np.testing.assert_allclose(got, expected, atol=1e-5)
-
-
-def test_residual_dropout_needs_rng_and_drops():
-    block = layers.Residual(4, 0.5, pre_ln=False, dtype=jnp.float32, rngs=nnx.Rngs(7))
-    x = jnp.ones((1, 8, 4))
-    same = block(x, lambda h: h * 3.0, deterministic=True, rngs=None)
-    dropped = block(x, lambda h: h * 3.0, deterministic=False, rngs=nnx.Rngs(dropout=0))
-    assert not np.allclose(same, dropped)
-    with pytest.raises(Exception):  # noqa: B017 - nnx raises its own error type
-        block(x, lambda h: h, deterministic=False, rngs=None)
-
-
 def test_kv_cache_guards():
+    """Each decoding mode runs only over its own cache, filled for this batch."""
     mha = layers.MultiHeadAttention(8, 2, 4, 4, rngs=nnx.Rngs(8))
-    with pytest.raises(ValueError, match='init_cache'):
-        mha(jnp.ones((1, 1, 8)), jnp.ones((1, 1, 8)), decode=True)
+    with pytest.raises(ValueError, match=r'append_and_attend needs init_cache\('):
+        mha.append_and_attend(jnp.ones((1, 1, 8)))
+    with pytest.raises(ValueError, match=r'attend_to_source needs init_cross_cache\('):
+        mha.attend_to_source(jnp.ones((1, 1, 8)))
     mha.init_cache(1, 4)
-    with pytest.raises(ValueError, match='one position per call'):
-        mha(jnp.ones((1, 2, 8)), jnp.ones((1, 2, 8)), decode=True)
+    with pytest.raises(ValueError, match='one position per call, got 2'):
+        mha.append_and_attend(jnp.ones((1, 2, 8)))
     assert int(mha.cache_index[...]) == 0
-    mha(jnp.ones((1, 1, 8)), jnp.ones((1, 1, 8)), decode=True)
+    mha.append_and_attend(jnp.ones((1, 1, 8)))
     assert int(mha.cache_index[...]) == 1
-    assert jax.tree.leaves(nnx.state(mha, nnx.Cache))
+    assert jax.tree.leaves(nnx.state(mha, layers.DecodeCache))
+    assert not jax.tree.leaves(nnx.state(mha, layers.SourceCache))  # no source projected
+
+
+def test_cached_self_attention_equals_causal_attention():
+    """Step t attends to positions 0..t of the cache: the causal mask, one row at a time."""
+    mha = layers.MultiHeadAttention(8, 2, 4, 3, rngs=nnx.Rngs(9))
+    x = np.random.default_rng(9).standard_normal((2, 5, 8)).astype(np.float32)
+    full = np.asarray(mha(x, x, mask=attention.causal_mask(5)))
+    mha.init_cache(2, 5)
+    steps = np.concatenate(
+        [np.asarray(mha.append_and_attend(x[:, t : t + 1])) for t in range(5)], 1
+    )
+    np.testing.assert_allclose(steps, full, atol=1e-6)
+
+
+def test_cached_source_is_this_batchs():
+    """attend_to_source == full attention over the projected source; a source cached for
+    another batch size is refused rather than broadcast."""
+    mha = layers.MultiHeadAttention(8, 2, 4, 3, rngs=nnx.Rngs(10))
+    rng = np.random.default_rng(10)
+    y = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    source = rng.standard_normal((2, 6, 8)).astype(np.float32)
+    mask = attention.padding_mask(
+        jnp.ones((2, 3), bool), jnp.array([[1] * 6, [1] * 4 + [0] * 2], bool)
+    )
+    mha.init_cross_cache(source)
+    cached = np.asarray(mha.attend_to_source(y, mask=mask))
+    np.testing.assert_allclose(cached, np.asarray(mha(y, source, mask=mask)), atol=1e-6)
+    with pytest.raises(ValueError, match='cached source has 2 rows but the decoder step has 3'):
+        mha.attend_to_source(jnp.ones((3, 1, 8)))

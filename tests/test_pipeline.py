@@ -7,7 +7,7 @@ import pytest
 
 from attn.data import pipeline
 from attn.data import tokenizer as tokenizer_lib
-from attn.model import EOS_ID, PAD_ID
+from attn.tokens import EOS_ID, PAD_ID
 
 EN = 'the a house garden small green water bread child school street city big old new red'.split()
 DE = 'das ein Haus Garten klein grün Wasser Brot Kind Schule Straße Stadt groß alt neu rot'.split()
@@ -133,6 +133,29 @@ def test_restored_iterator_continues_at_the_next_batch(pairs, tok):
         for expected in batches[step : step + 4]:
             got = next(restored)
             assert all(np.array_equal(got[k], expected[k]) for k in expected)
+
+
+def test_workers_and_prefetch_give_the_same_batches_and_restore_exactly(pairs, tok):
+    """Worker processes (chunks of 64 examples, two epochs' worth in 40 batches) and the
+    prefetch thread change nothing in the batches; a state saved with them restores to the
+    next batch."""
+
+    def make(**pipeline_options):
+        return pipeline.train_batches(
+            pairs, tok, features=FEATURES, rows=4, length=64, seed=3, **pipeline_options
+        )
+
+    expected = take(make(), 40)
+    it = make(worker_count=2, worker_buffer_size=2, prefetch=2)
+    states, batches = [], []
+    for _ in range(40):
+        states.append(json.loads(json.dumps(it.get_state())))  # as a checkpoint stores it
+        batches.append(next(it))
+    it.set_state(states[37])  # (a fresh process restoring is tests/test_train.py's kill -9)
+    batches += take(it, 3)
+    it.close()
+    for got, want in zip(batches, expected + expected[37:], strict=True):
+        assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
 def test_seed_controls_order_and_epochs_reshuffle(pairs, tok, index_of):

@@ -1,10 +1,16 @@
 """Restoring a trained model from its workdir, averaging checkpoints, clear errors."""
 
+import grain
+import jax
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from attn import checkpoint, restore
+from attn import checkpoint, restore, step
+from attn.model import build_model
+from attn.model_config import ModelConfig
 from tests import toy
 
 
@@ -78,3 +84,48 @@ def test_reading_a_mistyped_workdir_creates_nothing(tmp_path):
     assert not missing.exists()
     with pytest.raises(checkpoint.CheckpointError, match='average_last=0'):
         restore.select_steps([3, 6], None, 0)
+
+
+def _save_as_before(directory, state, data_iterator, config: dict) -> None:
+    """Step 3 saved with the Orbax arguments checkpoints were written with before
+    `preservation_policy` and `handler_registry` (`max_to_keep`, `item_handlers`)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=5, enable_async_checkpointing=False)
+    handlers = {
+        'state': ocp.PyTreeCheckpointHandler(),
+        'data': grain.checkpoint.CheckpointHandler(),
+        'config': ocp.JsonCheckpointHandler(),
+    }
+    manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+    items = ocp.args.Composite(
+        state=ocp.args.PyTreeSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(config),
+    )
+    manager.save(3, args=items, force=True)
+    manager.close()
+
+
+def test_checkpoints_written_before_the_handler_registry_restore(tmp_path):
+    cfg = ModelConfig(vocab_size=32, num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32)
+    _, _, state = step.init_state(build_model('transformer', cfg), optax.adam(1e-3))
+    state = state.replace(step=state.step + 3)
+    examples = grain.MapDataset.range(10).to_iter_dataset()
+    data = iter(examples)
+    assert [next(data) for _ in range(3)] == [0, 1, 2]
+    _save_as_before(tmp_path, state, data, {'seed': 7})
+
+    ckpt = checkpoint.Checkpointer(tmp_path, keep=5)
+    fresh = iter(examples)
+    zeros = jax.tree.map(jax.numpy.zeros_like, state)
+    restored = ckpt.restore(zeros, fresh)
+    assert next(fresh) == 3  # the iterator continues where it was saved
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert ckpt.restore_config(3) == {'seed': 7}
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    params = ckpt.restore_params(3, lambda tree: jax.tree.map(lambda _: device, tree))
+    saved, got = checkpoint.leaves_by_name(state.params), checkpoint.leaves_by_name(params)
+    assert got.keys() == saved.keys()
+    for name, value in saved.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    ckpt.close()

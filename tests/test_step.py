@@ -9,9 +9,10 @@ import optax
 import pytest
 from flax import nnx
 
-from attn import step
-from attn.model import ConfigError, ModelConfig, build_model
-from configs import common
+from attn import config_lib, step
+from attn.errors import ConfigError
+from attn.model import build_model
+from attn.model_config import ModelConfig
 
 
 def test_label_smoothed_loss_by_hand():
@@ -45,7 +46,7 @@ def _tiny_state(tx=None, **model_overrides):
     """(cfg, tx, graphdef, rest, state) of a one-layer model; the paper's Adam unless `tx`."""
     fields = dict(vocab_size=32, num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32)
     cfg = ModelConfig(**(fields | dict(dropout_rate=0.0) | model_overrides))
-    tx = tx or step.make_optimizer(common.base_config('tiny').optimizer, cfg.emb_dim)
+    tx = tx or step.make_optimizer(config_lib.base_config('tiny').optimizer, cfg.emb_dim)
     return cfg, tx, *step.init_state(build_model('transformer', cfg), tx)
 
 
@@ -80,7 +81,7 @@ def test_first_update_is_adam_on_the_token_mean_gradient():
     assert (up - down) / (2 * eps) == pytest.approx(analytic, rel=2e-2, abs=1e-5)
 
     new_state, metrics = step.train_step(
-        state, batch, jax.random.PRNGKey(0), graphdef=graphdef, rest=rest, tx=tx, cfg=step_cfg
+        state, batch, jax.random.key(0), graphdef=graphdef, rest=rest, tx=tx, cfg=step_cfg
     )
     lr = float(step.learning_rate_schedule(16, 4000)(0))
     # Adam's first step: m_hat = g, v_hat = g^2, so the update is -lr * g / (|g| + eps).
@@ -95,7 +96,7 @@ def _update(state, batch, graphdef, rest, tx, **settings):
     """One train_step of the tiny model, dropout key 0, with StepConfig `settings`."""
     cfg = step.StepConfig('transformer', 0.1, **settings)
     return step.train_step(
-        state, batch, jax.random.PRNGKey(0), graphdef=graphdef, rest=rest, tx=tx, cfg=cfg
+        state, batch, jax.random.key(0), graphdef=graphdef, rest=rest, tx=tx, cfg=cfg
     )
 
 

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from attn.model import ModelConfig, build_model
+from attn.model import build_model
+from attn.model_config import ModelConfig
 from attn.summary import forward_flops, module_params
 
 
@@ -50,7 +51,7 @@ def run_summary(*args):
 
 def test_summary_json_counts_the_models_parameters():
     out = json.loads(run_summary('--config=configs/l10n.py:size=tiny', '--json'))
-    from configs import l10n
+    from tests.toy import l10n
 
     config = l10n.get_config('size=tiny')
     from attn.configuration import model_config

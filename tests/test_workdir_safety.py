@@ -23,6 +23,7 @@ from attn import workdir as workdir_lib
 from attn.data import datasets
 from attn.errors import UserError
 from tests import toy
+from tests.toy import l10n
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,6 +124,7 @@ def test_a_stale_lock_is_taken_over_and_released(run, caplog):
         ('data.name', 'wmt14_translate'),
         ('data.vocab_size', 8000),
         ('data.source_lang', 'fr'),
+        ('data.worker_count', 2),  # the saved iterator state is laid out by it
     ],
 )
 def test_resume_with_other_data_is_refused_before_any_data_is_built(run, monkeypatch, field, value):
@@ -280,28 +282,116 @@ def test_a_workdir_under_a_file_is_named(toy_run, tmp_path):
         train.train_and_evaluate(toy.config(), str(blocker / 'run'), data)
 
 
-def test_a_read_only_workdir_is_named(run):
-    workdir, data = run
-    workdir.chmod(0o555)
-    try:
-        probe = workdir / 'probe'
-        try:
-            probe.touch()
-        except PermissionError:
+@pytest.fixture
+def mount(tmp_path):
+    """mount(kilobytes, populate=None, read_only=False): a fresh tmpfs of that size (the
+    real ENOSPC and EROFS of a full or read-only disk), filled by `populate(directory)`."""
+    mounted = []
+
+    def make(kilobytes, populate=None, read_only=False):
+        target = tmp_path / f'disk{len(mounted)}'
+        target.mkdir()
+        done = subprocess.run(
+            ['mount', '-t', 'tmpfs', '-o', f'size={kilobytes}k', 'tmpfs', str(target)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode:
+            pytest.skip(f'a tmpfs cannot be mounted here: {done.stderr.strip()}')
+        mounted.append(target)
+        if populate is not None:
+            populate(target)
+        if read_only:
+            subprocess.run(['mount', '-o', 'remount,ro', str(target)], check=True)
+        return target
+
+    yield make
+    for target in mounted:
+        subprocess.run(['umount', '-l', str(target)], check=True)
+
+
+def _kilobytes(directory) -> int:
+    return sum(p.stat().st_size for p in pathlib.Path(directory).rglob('*') if p.is_file()) // 1024
+
+
+def test_a_read_only_workdir_is_named(toy_run, mount):
+    workdir, data = toy_run
+    disk = mount(4 * _kilobytes(workdir), lambda d: shutil.copytree(workdir, d / 'w'), True)
+    before = _hashes(disk / 'w')
+    with pytest.raises(workdir_lib.WorkdirError, match=f'Read-only file system: {disk / "w"}'):
+        train.train_and_evaluate(toy.config(total_steps=9), str(disk / 'w'), data)
+    assert _hashes(disk / 'w') == before
+
+
+@pytest.mark.parametrize('found', ['before the save', 'by the save'])
+def test_a_full_disk_is_named_and_keeps_every_checkpoint(toy_run, mount, monkeypatch, found):
+    workdir, data = toy_run
+    # Room for the copy and a little more, not for a third checkpoint.
+    disk = mount(_kilobytes(workdir) + 300, lambda d: shutil.copytree(workdir, d / 'w'))
+    checkpoints = disk / 'w' / 'checkpoints'
+    before = {step: _hashes(checkpoints / step) for step in ('3', '6')}
+    if found == 'by the save':  # the free space ran out after the check (another writer)
+        monkeypatch.setattr(checkpoint.Checkpointer, '_check_room', lambda *_: None)
+    what = 'needs .* nothing was written' if found == 'before the save' else r'failed \(.*\)'
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=rf'No space left on device: saving checkpoint 9 in {checkpoints} {what}\. '
+        'Checkpoints 3 and 6 are intact',
+    ):
+        train.train_and_evaluate(toy.config(total_steps=12), str(disk / 'w'), data)
+    assert {step: _hashes(checkpoints / step) for step in ('3', '6')} == before
+    assert sorted(p.name for p in checkpoints.iterdir()) == ['3', '6']  # no partial save left
+    assert not (disk / 'w' / '.lock').exists()
+
+
+def test_a_read_only_data_dir_is_read(fixture_corpus, mount):
+    disk = mount(
+        4 * _kilobytes(fixture_corpus) + 1024,
+        lambda d: shutil.copytree(fixture_corpus, d / 'data'),
+        read_only=True,
+    )
+    config = l10n.get_config('size=tiny')
+    config.data.data_dir = str(disk / 'data')
+    data = datasets.load(config)
+    assert next(data.train_iterator(config))['inputs'].any()
+
+
+def test_preparing_into_a_read_only_data_dir_is_named(mount):
+    disk = mount(64, read_only=True)
+    config = l10n.get_config('size=tiny')
+    config.data.data_dir = str(disk / 'data')
+    with pytest.raises(UserError, match=f'Read-only file system.*{disk}'):
+        datasets.load(config)
+
+
+def test_damage_inside_a_record_file_is_named_when_it_is_read(fixture_corpus, tmp_path):
+    data_dir = tmp_path / 'data'
+    shutil.copytree(fixture_corpus, data_dir)
+    (train,) = data_dir.glob('l10n_translate/en-de/*/l10n_translate-train.array_record*')
+    content = bytearray(train.read_bytes())
+    quarter = len(content) // 4  # away from the first, middle and last records
+    content[quarter : quarter + 64] = bytes(64)
+    train.write_bytes(bytes(content))
+    config = l10n.get_config('size=tiny')
+    config.data.data_dir = str(data_dir)
+    data = datasets.load(config)  # the probed records are intact
+    with pytest.raises(datasets.DataError, match=rf"'train' split .* in {data_dir}.* damaged"):
+        for _ in data.eval_batches(config, 'train'):
             pass
-        else:
-            probe.unlink()
-            pytest.skip('running as root: chmod does not stop writes here')
-        with pytest.raises(workdir_lib.WorkdirError, match=f'Permission denied: {workdir}'):
-            train.train_and_evaluate(toy.config(total_steps=9), str(workdir), data)
-    finally:
-        workdir.chmod(0o755)
 
 
 def test_an_unwritable_eval_report_is_a_warning(tmp_path, caplog):
     (tmp_path / 'eval').write_text('a file where the directory goes')
     assert evaluate.write_report(str(tmp_path), {'bleu': 1.0}, 'test-6') is None
     assert f'{tmp_path / "eval" / "test-6.json"}' in _warnings(caplog)
+
+
+def test_an_eval_report_on_a_full_disk_is_a_warning_and_leaves_no_partial_file(mount, caplog):
+    disk = mount(16)
+    (disk / 'filler').write_bytes(bytes(16 * 1024 - 100))
+    assert evaluate.write_report(str(disk), {'hypotheses': ['x' * 8192]}, 'test-6') is None
+    assert f'{disk / "eval" / "test-6.json"}' in _warnings(caplog)
+    assert not (disk / 'eval' / 'test-6.json').exists()
 
 
 # ------------------------------------------------------------------------------------ 6. Ctrl-C

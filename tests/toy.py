@@ -1,10 +1,15 @@
-"""A toy EN-DE corpus (word-for-word translation) and its tokenizer, for training tests."""
+"""A toy EN-DE corpus (word-for-word translation) and its tokenizer, for training tests; the
+config files the tests load by path."""
 
+import pathlib
 import random
 
+from attn import config_lib
 from attn.data import datasets
 from attn.data import tokenizer as tokenizer_lib
-from configs import l10n
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
+l10n = config_lib.load_module(CONFIGS / 'l10n.py')  # the default experiment's config file
 
 EN = 'the a cat dog sees runs house garden red blue small big quickly slowly under over and with'
 DE = (
@@ -46,18 +51,7 @@ def config(**overrides):
     config.log_every_steps = 2
     config.eval_every_steps = 3
     config.checkpoint_every_steps = 3
-    return set_fields(config, overrides)
-
-
-def set_fields(config, fields: dict):
-    """`config` with each dotted field of `fields` ('model.num_heads': 2, ...) set."""
-    for key, value in fields.items():
-        node = config
-        *parents, leaf = key.split('.')
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    return config_lib.set_fields(config, overrides)
 
 
 def saved_params(workdir, step: int | None = None) -> tuple[int, dict]:

@@ -8,6 +8,7 @@ machine with internet; here they are only read, never downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -83,7 +84,8 @@ def builder(data_config, *, prepare: bool = False) -> tfds.core.DatasetBuilder:
     if data_config.name == EMBEDDED:
         from attn.data import l10n_translate  # registers the builder
 
-        return l10n_translate.prepare(data_config.config, directory)
+        with _building(directory):
+            return l10n_translate.prepare(data_config.config, directory)
     if data_config.name in REGISTERING_MODULES:
         importlib.import_module(REGISTERING_MODULES[data_config.name])
     try:
@@ -100,8 +102,23 @@ def builder(data_config, *, prepare: bool = False) -> tfds.core.DatasetBuilder:
     if host and not _host_reachable(host):
         raise _missing(data_config, f'{host} cannot be reached from here')
     logging.info('Building %s in %s (array_record)...', builder_name(data_config), directory)
-    dataset.download_and_prepare(file_format='array_record')
+    with _building(directory):
+        dataset.download_and_prepare(file_format='array_record')
     return dataset
+
+
+@contextlib.contextmanager
+def _building(directory: str) -> Iterator[None]:
+    """A dataset that cannot be written (a read-only or full disk) as one DataError."""
+    try:
+        yield
+    except OSError as error:
+        reason = f'{error.strerror or type(error).__name__}: {error.filename or directory}'
+        raise DataError(
+            f'Cannot build the dataset in {directory} ({reason}). Point '
+            '--config.data.data_dir at a writable directory with room for it, or build it '
+            'where it can be written (python -m attn.prepare) and copy it here.'
+        ) from error
 
 
 def sources(dataset: tfds.core.DatasetBuilder, splits: Sequence[str]) -> dict[str, Any]:
@@ -124,27 +141,48 @@ def sources(dataset: tfds.core.DatasetBuilder, splits: Sequence[str]) -> dict[st
         except ValueError as error:  # TFDS: a slice or sum of splits it cannot read
             reason = str(error).strip().splitlines()[0].rstrip('.')
             raise DataError(f'Split {split!r} of {name}: {reason}; {fix}') from error
-        _check_readable(dataset, split, opened[split])
+        opened[split] = _CheckedSource(dataset, split, opened[split])
+        opened[split].probe()
     return opened
 
 
-def _check_readable(dataset: tfds.core.DatasetBuilder, split: str, source) -> None:
-    """A DataError naming the dataset's directory if the first, middle or last example of
-    `split` comes back empty or fails to decode (a truncated or overwritten record file
-    reads as examples whose every field is None)."""
-    for index in sorted({0, len(source) // 2, len(source) - 1} - {-1}):
+class _CheckedSource:
+    """A split's random-access source whose damaged records raise a DataError naming the
+    dataset's directory and the fix, wherever in the file the damage lies (a truncated or
+    overwritten record file either fails its chunk checksum or reads as examples whose
+    every field is None)."""
+
+    def __init__(self, dataset: tfds.core.DatasetBuilder, split: str, source):
+        # Names, not the builder: Grain's worker processes receive the source pickled.
+        self.name, self.directory = dataset.info.full_name, str(dataset.data_dir)
+        self.split, self.source = split, source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
         try:
-            example = source[index]
-            readable = all(value is not None for value in example.values())
-        except Exception:  # noqa: BLE001 - any decoding failure means a damaged file
-            readable = False
-        if not readable:
-            raise DataError(
-                f'Example {index} of the {split!r} split of {dataset.info.full_name} in '
-                f'{dataset.data_dir} cannot be read: its record file is damaged or truncated. '
-                f'Delete {dataset.data_dir} and build it again (python -m attn.prepare '
-                '--config=<this config>; the embedded corpus is rebuilt on the next run).'
-            )
+            example = self.source[index]
+        except Exception as error:  # noqa: BLE001 - any decoding failure: a damaged file
+            raise self._damaged(index) from error
+        if any(value is None for value in example.values()):
+            raise self._damaged(index)
+        return example
+
+    def probe(self) -> None:
+        """Reads the first, middle and last examples, so that a file damaged there fails
+        before any work starts."""
+        for index in sorted({0, len(self) // 2, len(self) - 1} - {-1}):
+            self[index]
+
+    def _damaged(self, index: int) -> DataError:
+        return DataError(
+            f'Example {index} of the {self.split!r} split of {self.name} in {self.directory} '
+            'cannot be read: its record file is damaged or truncated. '
+            f'Delete {self.directory} and build it again (python -m attn.prepare '
+            '--config=<this config>; the embedded corpus is rebuilt on the next run). '
+            'Checkpoints are not touched.'
+        )
 
 
 def load_tokenizer(
@@ -194,6 +232,9 @@ class Data:
             seed=config.seed,
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
+            worker_count=config.data.worker_count,
+            worker_buffer_size=config.data.worker_buffer_size,
+            prefetch=config.data.prefetch,
         )
 
     def eval_batches(self, config, split: str | None = None) -> Iterator[dict]:

@@ -6,7 +6,8 @@ than `length`, and packs several examples into each row with Grain's first-fit p
 rows carry, per side, segment ids 1, 2, ... per example (0 = padding) and positions restarting
 at 0 for each example; the model masks attention across segments and shifts targets itself.
 The iterator's state (Grain's get_state/set_state) is saved with the checkpoint, so a restored
-run continues at exactly the next batch.
+run continues at exactly the next batch. Reading and tokenizing can run in worker processes
+and packing in a background thread, while the step runs; the batches stay the same.
 
 Evaluation: every example exactly once, in order, one per row, with its index.
 """
@@ -14,14 +15,18 @@ Evaluation: every example exactly once, in order, one per row, with its index.
 from __future__ import annotations
 
 import math
+import os
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
 from attn.data.tokenizer import Tokenizer
-from attn.model import PAD_ID
+from attn.tokens import PAD_ID
 
 # Packing bins per row of a batch: more bins fill rows a little better (first fit over more
 # open rows; measured 0.916 / 0.923 / 0.928 / 0.932 target efficiency for 1 / 2 / 4 / 8 at
@@ -32,6 +37,8 @@ PACKING_BINS_PER_ROW = 4
 # processes (worker_count) to scale instead.
 READ_THREADS = 0
 EVAL_WIDTH_MULTIPLE = 8
+# Examples a worker process reads and tokenizes per hand-over to the training process.
+WORKER_CHUNK = 64
 
 
 def feature_keys(features: tuple[str, ...]) -> tuple[str, ...]:
@@ -92,6 +99,8 @@ def train_batches(
     shard_index: int = 0,
     shard_count: int = 1,
     worker_count: int = 0,
+    worker_buffer_size: int = 1,
+    prefetch: int = 0,
 ) -> grain.DatasetIterator:
     """Endless iterator of packed host-local batches.
 
@@ -108,9 +117,11 @@ def train_batches(
       rows, length: batch shape on this host.
       seed: shuffle seed (each epoch is reshuffled).
       shard_index, shard_count: this host's disjoint share, examples shard_index::shard_count.
-      worker_count: Grain worker processes (0 = in this process; workers need parsed absl
-        flags). Each worker packs its own slice, so the batch sequence, and the state a
-        restore accepts, depend on worker_count.
+      worker_count: Grain worker processes that read and tokenize the examples (0: this
+        process does). The batches are the same for every count; the saved state is not
+        (a state restores only into an iterator of the same worker_count).
+      worker_buffer_size: chunks of WORKER_CHUNK examples each worker holds ready.
+      prefetch: batches a background thread packs ahead (0: packed on demand).
     Returns:
       A Grain iterator with get_state()/set_state().
     """
@@ -124,8 +135,12 @@ def train_batches(
             f'Shard {shard_index}/{shard_count} of a {len(source)}-example source is empty.'
         )
     ds = ds.shuffle(seed).repeat()  # shuffle before repeat: each epoch a new permutation
-    ds = ds.map(Tokenize(tokenizer, features)).filter(FitsIn(length))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS))
+    tokenize, fits = Tokenize(tokenizer, features), FitsIn(length)
+    if worker_count:
+        it = _in_workers(ds, tokenize, fits, worker_count, worker_buffer_size)
+    else:
+        ds = ds.map(tokenize).filter(fits)
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS))
     it = grain.experimental.FirstFitPackIterDataset(
         it,
         length_struct={key: length for key in keys},
@@ -134,9 +149,59 @@ def train_batches(
         shuffle_bins=True,
     )
     it = it.batch(rows, drop_remainder=True).map(RenamePacked())
-    if worker_count:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    if prefetch:
+        it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
     return iter(it)
+
+
+class _TokenizeChunk(grain.transforms.Map):
+    """A chunk of examples -> those of them that fit, tokenized, in order."""
+
+    def __init__(self, tokenize: Tokenize, fits: FitsIn):
+        self._tokenize, self._fits = tokenize, fits
+
+    def map(self, chunk: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
+        return [ex for ex in map(self._tokenize.map, chunk) if self._fits.filter(ex)]
+
+
+class _Unchunk(grain.experimental.FlatMapTransform):
+    """A chunk of tokenized examples -> its examples, one by one."""
+
+    max_fan_out = WORKER_CHUNK
+
+    def flat_map(self, chunk: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        return chunk
+
+
+def _in_workers(ds, tokenize, fits, worker_count: int, buffer_size: int) -> grain.IterDataset:
+    """The examples of `ds` tokenized and filtered by Grain worker processes, in `ds`'s
+    order: worker i takes chunks i, i + n, ... and Grain takes one chunk from each in turn.
+    Chunks, not examples, cross the process boundary: one at a time costs more to pass than
+    to tokenize."""
+    if not flags.FLAGS.is_parsed():  # Grain reads absl flags, unparsed outside absl.app
+        flags.FLAGS.mark_as_parsed()  # their defaults
+    chunks = ds.batch(WORKER_CHUNK, batch_fn=list).map(_TokenizeChunk(tokenize, fits))
+    it = chunks.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS))
+    options = grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=buffer_size
+    )
+    it = it.mp_prefetch(options, worker_init_fn=_exit_with_the_trainer)
+    return grain.experimental.FlatMapIterDataset(it, _Unchunk())
+
+
+def _exit_with_the_trainer(worker_index: int, worker_count: int) -> None:
+    """Runs in each worker process: ends it once the process that started it is gone.
+    Grain's workers outlive a trainer killed with SIGKILL otherwise, holding its output
+    pipes open for ever."""
+    del worker_index, worker_count
+    trainer = os.getppid()
+
+    def watch():
+        while os.getppid() == trainer:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name='exit-with-the-trainer', daemon=True).start()
 
 
 def eval_batches(

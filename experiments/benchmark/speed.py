@@ -36,10 +36,11 @@ import jax
 import numpy as np
 from absl import flags
 
-from attn import cli, configuration, decode, sharding, summary
+from attn import cli, config_lib, configuration, decode, sharding, summary
 from attn import step as step_lib
 from attn.errors import UserError
-from attn.model import EOS_ID, NUM_SPECIAL_TOKENS, build_model
+from attn.model import build_model
+from attn.tokens import EOS_ID, NUM_SPECIAL_TOKENS
 
 _WHAT = flags.DEFINE_list('what', ['train', 'decode'], 'What to measure: train, decode.')
 _BATCH = flags.DEFINE_integer('batch', 96, 'Train: examples per step (all devices).')
@@ -68,19 +69,14 @@ SOURCE_LENGTH, TARGET_LENGTH = 30, 40  # decode shapes of ANCHORS.md's CPU figur
 
 def with_overrides(config, overrides: str | None):
     """A copy of `config` with `a.b=value,...` applied (values parsed as Python literals)."""
-    config = copy.deepcopy(config)
+    fields = {}
     for item in filter(None, (overrides or '').split(',')):
         path, _, text = item.partition('=')
-        *parents, field = path.strip().split('.')
         try:
-            value = ast.literal_eval(text)
+            fields[path.strip()] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            value = text  # a bare string such as bfloat16
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[field] = value
-    return config
+            fields[path.strip()] = text  # a bare string such as bfloat16
+    return config_lib.set_fields(copy.deepcopy(config), fields)
 
 
 def synthetic_batch(kind: str, rows: int, length: int, vocab: int) -> dict[str, np.ndarray]:
@@ -115,7 +111,8 @@ def device_peak_bytes() -> int | None:
 def measure_train(config) -> dict:
     cfg = dataclasses.replace(configuration.model_config(config), vocab_size=_VOCAB.value)
     mesh = sharding.make_mesh()
-    _, _, state, step, _, rng = step_lib.setup(config, cfg, mesh)
+    run = step_lib.setup(config, cfg, mesh)
+    state, step, rng = run.state, run.train, run.rng
     batch = sharding.global_batch(
         mesh, synthetic_batch(config.model_kind, _BATCH.value, _LENGTH.value, _VOCAB.value)
     )

@@ -1,13 +1,15 @@
 """Recurrent baselines for the reference-window study: vanilla RNN, GRU and LSTM.
 
 Flax NNX's cells under `nnx.RNN`; the same token embedding in front and a linear
-read-out of the last state behind. Widths are chosen to match a parameter budget.
+read-out of each state behind. Widths are chosen to match a parameter budget.
 """
 
 from __future__ import annotations
 
 import jax
 from flax import nnx
+
+from attn.model import shift_right
 
 CELLS = {'rnn': nnx.SimpleCell, 'gru': nnx.GRUCell, 'lstm': nnx.OptimizedLSTMCell}
 GATES = {'rnn': 1, 'gru': 3, 'lstm': 4}  # weight blocks per cell
@@ -21,10 +23,18 @@ class RecurrentModel(nnx.Module):
         self.rnn = nnx.RNN(CELLS[cell](emb_dim, hidden, rngs=rngs))
         self.readout = nnx.Linear(hidden, vocab_size, rngs=rngs)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Logits [B, V] of the token after `tokens` [B, T]."""
-        states = self.rnn(self.embed(tokens))  # [B, T, hidden]
-        return self.readout(states[:, -1])
+    def __call__(self, tokens: jax.Array, segmentation=None, position=None, **unused) -> jax.Array:
+        """Logits [B, T, V] predicting each of `tokens` [B, T] from the ones before it.
+
+        Called as `attn.step` calls `LanguageModel`; there is no dropout or chunked loss to
+        switch (`unused`), and rows are one example each (no packing).
+        """
+        if segmentation is not None or position is not None:
+            raise ValueError('RecurrentModel reads unpacked rows only.')
+        # The initial state is zeros; its key comes from a stream made here, so the call
+        # changes none of the model's state (it runs inside attn.step's jit).
+        states = self.rnn(self.embed(shift_right(tokens)), rngs=nnx.Rngs(carry=0))  # [B, T, hidden]
+        return self.readout(states)
 
 
 def parameter_count(cell: str, vocab_size: int, emb_dim: int, hidden: int) -> int:

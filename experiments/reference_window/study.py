@@ -7,6 +7,7 @@ writes report.md, accuracy.png and results.json to --out.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -21,8 +22,10 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from attn import cli, configuration  # noqa: E402
-from attn.model import LanguageModel  # noqa: E402
+from attn import cli, config_lib, configuration, sharding  # noqa: E402
+from attn import step as step_lib  # noqa: E402
+from attn.model import LanguageModel, build_model  # noqa: E402
+from attn.model_config import ModelConfig  # noqa: E402
 from attn.summary import module_params  # noqa: E402
 from experiments.reference_window import recurrent, task  # noqa: E402
 
@@ -33,63 +36,72 @@ WHAT = {
 }
 
 
+def model_config(config) -> ModelConfig:
+    """The Transformer's settings, with the vocabulary and row length of the task."""
+    config_lib.check_choice('kind', config.task.kind, task.KINDS)
+    t = config.task
+    return dataclasses.replace(
+        configuration.model_config(config),
+        vocab_size=task.vocab_size(t.kind, t.content_tokens, t.max_k),
+        max_len=task.sequence_length(t.max_k),
+    )
+
+
 def build(name: str, config) -> tuple[nnx.Module, dict]:
     """A model of the study and a description of it (parameters, widths)."""
-    cfg = configuration.model_config(config)
+    cfg = model_config(config)
     if name == 'transformer':
-        transformer = LanguageModel(cfg, rngs=nnx.Rngs(config.seed))
+        transformer = build_model('lm', cfg, config.seed)
         info = dict(layers=cfg.num_layers, d_model=cfg.emb_dim, heads=cfg.num_heads)
         return transformer, info | {'params': sum(module_params(transformer).values())}
     shapes = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))
     budget = sum(module_params(shapes).values())
     hidden = recurrent.matched_hidden(name, cfg.vocab_size, cfg.emb_dim, budget)
     model = recurrent.RecurrentModel(
-        name, cfg.vocab_size, cfg.emb_dim, hidden, rngs=nnx.Rngs(config.seed)
+        name, cfg.vocab_size, cfg.emb_dim, hidden, rngs=nnx.Rngs(params=config.seed)
     )
     return model, {'hidden': hidden, 'params': sum(module_params(model).values())}
 
 
-def answer_logits(model, targets: jax.Array) -> jax.Array:
-    """Logits [B, V] for the last token of each row, from the tokens before it."""
-    if isinstance(model, LanguageModel):
-        return model(targets)[:, -1]
-    return model(targets[:, :-1])
-
-
-def loss_fn(model, targets):
-    logits = answer_logits(model, targets)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets[:, -1]).mean()
-
-
-@nnx.jit
-def train_step(model, optimizer, targets):
-    loss, grads = nnx.value_and_grad(loss_fn)(model, targets)
-    optimizer.update(model, grads)
-    return loss
-
-
 @nnx.jit
 def predictions(model, targets):
-    return answer_logits(model, targets).argmax(-1)
+    """The predicted last token [B] of each row of `targets` [B, T]."""
+    return model(targets)[:, -1].argmax(-1)
 
 
-def optimizer_for(model, config) -> nnx.Optimizer:
+def optimizer(config) -> optax.GradientTransformation:
     schedule = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
-    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optax.adam(schedule))
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optax.adam(schedule))
 
 
-def train(model, config) -> dict:
-    """Trains on the same stream of batches for every model; returns the cost and losses."""
-    optimizer = optimizer_for(model, config)
-    t = config.task
+def answer_only(targets: np.ndarray) -> dict[str, np.ndarray]:
+    """A batch of `attn.step` that scores the last token of each row alone: the answer
+    (the tokens before it are random, nothing to learn)."""
+    weights = np.zeros(targets.shape, np.float32)
+    weights[:, -1] = 1.0
+    return {'targets': targets, 'targets_weights': weights}
+
+
+def train(model, config) -> tuple[nnx.Module, dict]:
+    """Trains on the same stream of batches for every model, with `attn.step`'s train
+    step; returns the trained model and the cost and losses."""
+    tx = optimizer(config)
+    mesh = sharding.make_mesh()
+    graphdef, rest, state = step_lib.init_state(model, tx)
+    state = jax.device_put(state, sharding.replicated(mesh))
+    cfg = step_lib.StepConfig('lm', label_smoothing=0.0)
+    train_step, _ = step_lib.compile_steps(graphdef, rest, tx, cfg, mesh)
+    rng = jax.random.key(config.seed)  # dropout's; the study's models have none
     losses, start = [], time.perf_counter()
     for step in range(1, config.steps + 1):
-        batch = task.training_examples(config.batch_size, seed=config.seed + step, **t)
-        loss = train_step(model, optimizer, batch['targets'])
+        batch = task.training_examples(config.batch_size, seed=config.seed + step, **config.task)
+        state, metrics = train_step(
+            state, sharding.global_batch(mesh, answer_only(batch['targets'])), rng
+        )
         if step % LOG_EVERY == 0 or step == config.steps:
-            losses.append((step, float(loss)))
-    return {'train_seconds': time.perf_counter() - start, 'losses': losses}
+            losses.append((step, float(metrics['loss'])))
+    info = {'train_seconds': time.perf_counter() - start, 'losses': losses}
+    return nnx.merge(graphdef, state.params, rest), info
 
 
 def accuracy_by_distance(model, config) -> dict[int, float]:
@@ -111,7 +123,8 @@ def run_study(config, out: str) -> dict:
     results = {}
     for name in config.models:
         model, info = build(name, config)
-        info |= train(model, config)
+        model, cost = train(model, config)
+        info |= cost
         info['accuracy'] = accuracy_by_distance(model, config)
         results[name] = info
     with open(os.path.join(out, 'results.json'), 'w') as f:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from attn.model import NUM_SPECIAL_TOKENS
+from attn.tokens import NUM_SPECIAL_TOKENS
 
 KINDS = ('offset', 'marker')
 MARKER = NUM_SPECIAL_TOKENS  # 4

@@ -10,7 +10,6 @@ missing, not left out. Runs of other seeds (<row>-seedN) are listed under seed n
 
 import json
 import pathlib
-import sys
 
 import matplotlib
 
@@ -19,10 +18,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_dict  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-from attn.model import ModelConfig  # noqa: E402
+from attn import config_lib  # noqa: E402
+from attn.model_config import ModelConfig  # noqa: E402
 from attn.summary import summarize  # noqa: E402
-from configs import table3  # noqa: E402
+
+table3 = config_lib.load_module(pathlib.Path(__file__).parents[2] / 'configs' / 'table3.py')
 
 _ROOT = flags.DEFINE_string('root', 'runs/table3', 'Folder holding one workdir per row.')
 _OUT = flags.DEFINE_string('out', None, 'Where report.md and table3.png go (default: --root).')

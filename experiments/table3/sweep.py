@@ -9,7 +9,11 @@ Each run trains configs/table3.py:row=R (WMT14 EN-DE, 100K steps; big 300K) and 
 newstest2013 (the validation split) without checkpoint averaging, as the paper's Table 3.
 """
 
-from configs import table3
+import pathlib
+
+from attn import config_lib
+
+table3 = config_lib.load_module(pathlib.Path(__file__).parents[2] / 'configs' / 'table3.py')
 
 
 def get_sweep(arg=None):

@@ -1,17 +1,24 @@
-"""Pieces every config shares: the paper's model sizes and training settings.
+"""What the config files in configs/ build on: the paper's model sizes and training
+settings, their `:key=value` arguments, and loading a config file by path.
 
-Sizes follow Table 3 of the paper (base and big); `tiny` and `small` are ours,
-for CPU tests and the embedded-corpus quickstart.
+Config files are loaded by path (`--config=configs/wmt14.py:size=big`), never imported as a
+package, so each is one module whoever loads it: `attn.train`, a test, a sweep, or another
+config (`load_module`). Sizes follow Table 3 of the paper (base and big); `tiny` and `small`
+are ours, for CPU tests and the embedded-corpus quickstart.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import os
+import types
 
 from ml_collections import config_dict
 
-from attn.model import ConfigError, ModelConfig
+from attn.errors import ConfigError
+from attn.model_config import ModelConfig
 
 # N, d_model, d_ff, h, P_drop (Table 3). d_k = d_v = d_model / h unless a row says otherwise.
 SIZES = {
@@ -105,6 +112,9 @@ def base_config(size: str = 'base') -> config_dict.ConfigDict:
     config.data.eval_split = 'validation'
     config.data.test_split = 'test'  # scored by attn.evaluate (and by bleu_at_end)
     config.data.eval_batch_size = 64  # examples per evaluation batch (one per row, none dropped)
+    config.data.worker_count = 0  # processes that read and tokenize training examples (0: none)
+    config.data.worker_buffer_size = 2  # chunks of 64 examples each worker holds ready
+    config.data.prefetch = 2  # packed batches a background thread holds ready (0: none)
 
     config.model = model_config(size)
     config.model.vocab_size = config.data.get_ref('vocab_size')
@@ -167,4 +177,33 @@ def finalize(config: config_dict.ConfigDict, arg: config_dict.ConfigDict) -> con
     if arg.runlocal:
         apply_runlocal(config)
     config.lock()
+    return config
+
+
+def load_module(path: str | os.PathLike) -> types.ModuleType:
+    """The config file at `path` as a module (its `get_config` and tables such as
+    table3's `ROWS`); a relative `path` is from the working directory, as for --config."""
+    path = os.fspath(path)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    if spec is None or not os.path.isfile(path):
+        raise FileNotFoundError(f'There is no config file {path}.')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(path: str | os.PathLike, arg: str | None = None) -> config_dict.ConfigDict:
+    """`get_config(arg)` of the config file at `path`: what --config=PATH:ARG gives before
+    any --config.a.b=v override."""
+    return load_module(path).get_config(arg or None)
+
+
+def set_fields(config: config_dict.ConfigDict, fields: dict) -> config_dict.ConfigDict:
+    """`config` with each dotted field of `fields` ({'model.num_heads': 2, ...}) set."""
+    for key, value in fields.items():
+        node = config
+        *parents, leaf = key.split('.')
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
     return config

@@ -1,0 +1,5 @@
+"""python -m attn.export"""
+
+from attn.export import run
+
+run()
