@@ -187,3 +187,22 @@ def test_chunked_loss_in_bfloat16_sums_the_matrix_gradient_in_float32():
     assert chunked.dtype == jnp.float32
     error = float(jnp.linalg.norm(chunked - exact) / jnp.linalg.norm(exact))
     assert error < 5e-3
+
+
+def test_adam_uses_the_papers_beta2_and_epsilon_over_several_steps():
+    """Three updates against Adam written out in float64 with b2=0.98 and eps=1e-9 (§5.3).
+    The first update alone cannot tell: m/sqrt(v) is sign(g) whatever b2 and eps. Gradients
+    that change in size from step to step expose b2, and one of size ~eps exposes eps."""
+    config = config_lib.base_config().optimizer
+    tx = step.make_optimizer(config, emb_dim=512)
+    params = jnp.zeros(3, jnp.float32)
+    opt_state = tx.init(params)
+    grads = np.array([[1e-9, 1.0, -2.0], [2e-9, -3.0, 0.5], [-1e-9, 0.1, 4.0]])
+    m = v = np.zeros(3)
+    for t, g in enumerate(grads, start=1):
+        updates, opt_state = tx.update(jnp.asarray(g, jnp.float32), opt_state, params)
+        m, v = 0.9 * m + 0.1 * g, 0.98 * v + 0.02 * g**2
+        m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.98**t)
+        lr = 512**-0.5 * min(t**-0.5, t * config.warmup_steps**-1.5)
+        expected = -lr * m_hat / (np.sqrt(v_hat) + 1e-9)
+        np.testing.assert_allclose(np.asarray(updates), expected, rtol=2e-5)
