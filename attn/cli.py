@@ -21,10 +21,12 @@ COMMANDS = {
     'train': 'train a config in a workdir (resumes from its latest checkpoint)',
     'evaluate': 'BLEU and perplexity of a checkpoint on a whole split',
     'translate': 'translate stdin line by line (or continue prompts with a language model)',
+    'score': 'log-probabilities of given translations (or text) under a checkpoint',
     'analyze': 'attention maps, head statistics, head importance and pruning of a checkpoint',
     'average': "the mean of a run's last K checkpoints, written as a checkpoint",
     'summary': 'parameters per module and FLOPs per token of a config',
     'export': 'a checkpoint as a Hugging Face MarianMT and/or CTranslate2 model directory',
+    'plot': 'learning curves of several runs on shared axes, legends naming config differences',
 }
 
 

@@ -91,11 +91,18 @@ def model_config(size: str) -> config_dict.ConfigDict:
     return model
 
 
+SEED_SOURCES = ('init', 'dropout', 'data')  # the noise sources `config.seeds` separates
+
+
 def base_config(size: str = 'base') -> config_dict.ConfigDict:
     """The paper's training setup (§5) around a model of `size`; datasets set by callers."""
     config = config_dict.ConfigDict()
     config.model_kind = 'transformer'  # 'transformer' (encoder-decoder) or 'lm' (decoder-only)
-    config.seed = 0
+    config.seed = 0  # every noise source's seed, unless `seeds` overrides it
+    config.seeds = config_dict.ConfigDict()
+    config.seeds.init = config_dict.placeholder(int)  # parameter initialization (None: seed)
+    config.seeds.dropout = config_dict.placeholder(int)  # dropout masks (None: seed)
+    config.seeds.data = config_dict.placeholder(int)  # training-data order (None: seed)
     # Dropout's PRNG: 'threefry2x32' gives the same masks on any number of devices;
     # 'rbg' / 'unsafe_rbg' are cheaper on GPUs but their masks depend on the sharding.
     config.prng_impl = 'threefry2x32'
@@ -153,6 +160,13 @@ def base_config(size: str = 'base') -> config_dict.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 5  # base averages the last 5 checkpoints (§6.1)
     return config
+
+
+def source_seed(config, source: str) -> int:
+    """The seed of one of `SEED_SOURCES`: config.seeds.<source> where set, else config.seed
+    (also in configs, or their saved dicts, from before `seeds` existed)."""
+    seed = (config.get('seeds') or {}).get(source)
+    return config.get('seed', 0) if seed is None else seed
 
 
 def apply_runlocal(config: config_dict.ConfigDict) -> None:

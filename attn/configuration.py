@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 from ml_collections import config_dict
 
-from attn import sharding
+from attn import config_lib, sharding
 from attn import step as step_lib
 from attn.errors import ConfigError
 from attn.model_config import ModelConfig
@@ -66,6 +66,9 @@ def validate(config: config_dict.ConfigDict, *, devices: int | None = None) -> N
     _at_least(config, 'data.worker_buffer_size', 1, 'chunks each worker holds ready, e.g. 2.')
     _at_least(config, 'data.prefetch', 0, 'batches a thread packs ahead (0: none), e.g. 2.')
     _at_least(config, 'decode.beam_size', 1, "1 = greedy search, the paper's 4 (§6.1).")
+    for source in config_lib.SEED_SOURCES:
+        if config.seeds[source] is not None:  # None: config.seed
+            _at_least(config, f'seeds.{source}', 0, f'the {source} seed (unset: config.seed).')
     _check_batch(config, jax.device_count() if devices is None else devices)
     mode = config.get('sharding', 'replicated')  # as step.setup reads it
     if mode not in sharding.SHARDING_MODES:

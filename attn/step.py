@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from attn import sharding
+from attn import config_lib, sharding
 from attn.errors import ConfigError
 from attn.model import MODELS, build_model, logits_from
 from attn.tokens import PAD_ID
@@ -362,17 +362,18 @@ class Setup(NamedTuple):
     state: TrainState
     train: Any  # compiled train_step(state, batch, rng) -> (state, metrics)
     evaluate: Any  # compiled eval_step(params, batch) -> loss sums
-    rng: jax.Array  # typed key of config.prng_impl, seeded by config.seed
+    rng: jax.Array  # typed key of config.prng_impl, seeded by the dropout seed
 
 
 def setup(config, cfg, mesh) -> Setup:
     """What a run of `config` (model `cfg`) steps with on `mesh`."""
     tx = make_optimizer(config.optimizer, cfg.emb_dim)
     mode = config.get('sharding', 'replicated')  # runs saved before FSDP have no field
-    graphdef, rest, state = create_state(config.model_kind, cfg, config.seed, tx, mesh, mode=mode)
+    init_seed = config_lib.source_seed(config, 'init')
+    graphdef, rest, state = create_state(config.model_kind, cfg, init_seed, tx, mesh, mode=mode)
     step_cfg = StepConfig(
         config.model_kind, config.label_smoothing, config.grad_accum_steps, config.loss_chunk
     )
     train, evaluate = compile_steps(graphdef, rest, tx, step_cfg, mesh, mode=mode, state=state)
-    rng = jax.random.key(config.seed, impl=config.prng_impl)
+    rng = jax.random.key(config_lib.source_seed(config, 'dropout'), impl=config.prng_impl)
     return Setup(graphdef, rest, state, train, evaluate, rng)

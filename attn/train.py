@@ -19,7 +19,7 @@ import optax
 from absl import flags, logging
 from flax import nnx
 
-from attn import checkpoint, cli, configuration, distributed, sharding
+from attn import checkpoint, cli, config_lib, configuration, distributed, sharding
 from attn import evaluate as evaluate_lib
 from attn import metrics as metrics_lib
 from attn import step as step_lib
@@ -168,6 +168,8 @@ DATA_FIELDS = ('name', 'config', 'vocab_size', 'source_lang', 'target_lang')
 # What the saved iterator state is laid out by, with its value in configs saved before the
 # field existed: the state restores only into a pipeline with the same value.
 ITERATOR_FIELDS = {'worker_count': 0}
+# The noise sources whose seed a resume continues with (exactly, batch for batch).
+RESUMED_SEEDS = ('data', 'dropout')
 
 
 def train_and_evaluate(config, workdir: str, data: datasets.Data | None = None) -> Outcome:
@@ -210,8 +212,8 @@ def train_and_evaluate(config, workdir: str, data: datasets.Data | None = None) 
 
 def _check_resumable(config, workdir: str, ckpt: checkpoint.Checkpointer) -> None:
     """Refuses (UserError) to resume a checkpoint past config.total_steps, one trained on
-    other data, or one whose iterator state another pipeline wrote (`DATA_FIELDS` and
-    `ITERATOR_FIELDS` of the config saved with the newest checkpoint, else of
+    other data or seeds, or one whose iterator state another pipeline wrote
+    (`_resumed_fields` of the config saved with the newest checkpoint, else of
     W/config.json), naming the field and both values."""
     latest = ckpt.latest_step()
     if latest is None:
@@ -225,17 +227,28 @@ def _check_resumable(config, workdir: str, ckpt: checkpoint.Checkpointer) -> Non
     saved = _saved_config(ckpt) or workdir_lib.saved_config(workdir)
     if saved is None:
         return
+    for field, value, saved_value in _resumed_fields(config, saved):
+        if value != saved_value:
+            raise UserError(
+                f'{field} is {value!r}, but the checkpoints in {ckpt.directory} were trained '
+                f'with {saved_value!r}. Pass --config.{field}={saved_value!r} to resume them, '
+                'or use a new --workdir.'
+            )
+
+
+def _resumed_fields(config, saved: dict):
+    """(field, value in `config`, value in `saved`) of each field a resume must keep: the
+    saved data and iterator fields, and the seeds of the data order and dropout masks (the
+    parameters are restored, so the init seed may differ)."""
     saved_data = dict(ITERATOR_FIELDS) | (saved.get('data') or {})
     for field in (*DATA_FIELDS, *ITERATOR_FIELDS):
         if field == 'source_lang' and config.model_kind == 'lm':
             continue  # a language model reads the target side only
-        if field in saved_data and saved_data[field] != config.data.get(field):
-            raise UserError(
-                f'data.{field} is {config.data.get(field)!r}, but the checkpoints in '
-                f'{ckpt.directory} were trained with {saved_data[field]!r}. Pass '
-                f'--config.data.{field}={saved_data[field]!r} to resume them, or use a new '
-                '--workdir.'
-            )
+        if field in saved_data:
+            yield f'data.{field}', config.data.get(field), saved_data[field]
+    for source in RESUMED_SEEDS:
+        value, saved_value = (config_lib.source_seed(c, source) for c in (config, saved))
+        yield f'seeds.{source}', value, saved_value
 
 
 def _saved_config(ckpt: checkpoint.Checkpointer) -> dict | None:

@@ -16,7 +16,9 @@ d_k alone, C the depth and widths, D dropout and label smoothing, E learned
 positional embeddings; `big` is the big model. Scored on newstest2013 (the WMT14
 validation split) without checkpoint averaging. `PAPER` holds the paper's numbers
 for each row; `python -m attn.summary --config=configs/table3.py:row=R` gives ours.
-`seed=N` changes initialization, dropout and data order, to measure seed noise.
+`seed=N` changes initialization, dropout and data order, to measure seed noise;
+`init_seed=N`, `dropout_seed=N` or `data_seed=N` changes that one alone (-1: as seed), to
+tell which of them the noise comes from.
 """
 
 import pathlib
@@ -75,7 +77,15 @@ PAPER = {
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, row='base', dataset='wmt14', shrink=0, seed=0, runlocal=False)
+    arg = config_lib.parse_arg(
+        arg,
+        row='base',
+        dataset='wmt14',
+        shrink=0,
+        seed=0,
+        **{f'{source}_seed': -1 for source in config_lib.SEED_SOURCES},
+        runlocal=False,
+    )
     config_lib.check_choice('row', arg.row, ROWS)
     config_lib.check_choice('dataset', arg.dataset, ('wmt14', 'l10n'))
     config = config_lib.base_config('base')
@@ -89,6 +99,9 @@ def get_config(arg=None):
         _shrink(config, arg.shrink)
     config.keep_checkpoints = 1  # Table 3 uses no checkpoint averaging
     config.seed = arg.seed  # initialization, dropout and data order: seed noise
+    for source in config_lib.SEED_SOURCES:  # one of them alone; -1 leaves it to seed
+        seed = arg[f'{source}_seed']
+        config.seeds[source] = None if seed == -1 else seed
     return config_lib.finalize(config, arg)
 
 

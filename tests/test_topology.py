@@ -8,7 +8,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -104,16 +106,27 @@ def one_device(two_hosts, tmp_path_factory):
 
 
 def _commands_on(devices: int, workdir: str, out) -> dict:
-    result = subprocess.run(
-        [sys.executable, '-m', 'tests.topology_commands', workdir, str(out)],
-        cwd=REPO,
-        env=_env(devices),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    return _commands_result(_start_commands(devices, workdir, out), devices)
+
+
+def _start_commands(devices: int, workdir: str, out) -> tuple[subprocess.Popen, Any]:
+    """The process and its stderr, in a file: a pipe nobody reads while this process works
+    would fill."""
+    log = tempfile.TemporaryFile('w+')  # noqa: SIM115 - closed in _commands_result
+    command = [sys.executable, '-m', 'tests.topology_commands', workdir, str(out)]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=_env(devices), stdout=subprocess.PIPE, stderr=log, text=True
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return process, log
+
+
+def _commands_result(started: tuple[subprocess.Popen, Any], devices: int) -> dict:
+    process, log = started
+    out, _ = process.communicate(timeout=600)
+    with log:
+        log.seek(0)
+        assert process.returncode == 0, log.read()[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
     assert report['devices'] == devices
     return report
 
@@ -160,11 +173,13 @@ def test_evaluate_on_two_hosts_equals_one_device(two_hosts, one_device, tmp_path
 def test_commands_give_the_same_numbers_and_text_on_1_2_and_4_devices(
     two_hosts, one_device, tmp_path
 ):
-    """This session's 2 devices, and 4 devices in a subprocess, against 1 device."""
+    """This session's 2 devices, and 4 devices in a subprocess (running meanwhile), against
+    1 device."""
+    four = _start_commands(4, two_hosts[0], tmp_path / 'four')
     two = run_all(two_hosts[0], str(tmp_path / 'two'))
     assert two['devices'] == 2
     _assert_same(two, one_device)
-    _assert_same(_commands_on(4, two_hosts[0], tmp_path / 'four'), one_device)
+    _assert_same(_commands_result(four, 4), one_device)
 
 
 def test_sigterm_to_one_host_stops_both_at_one_step_and_the_rerun_equals(two_hosts, tmp_path):

@@ -22,7 +22,7 @@ import jax
 import tensorflow_datasets as tfds
 from absl import logging
 
-from attn import distributed
+from attn import config_lib, distributed
 from attn.data import pipeline
 from attn.data import tokenizer as tokenizer_lib
 from attn.errors import UserError
@@ -229,7 +229,7 @@ class Data:
             features=self.features,
             rows=rows * config.grad_accum_steps,
             length=config.data.max_length,
-            seed=config.seed,
+            seed=config_lib.source_seed(config, 'data'),
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
             worker_count=config.data.worker_count,

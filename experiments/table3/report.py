@@ -5,7 +5,8 @@
 Reads every row's workdir under --root (W/config.json, W/metrics.jsonl and the evaluation
 report W/eval/<split>-<step>.json that `launch/sweep.py` has `attn.evaluate` write), and
 writes report.md and table3.png to --out. Rows without a finished run are listed as
-missing, not left out. Runs of other seeds (<row>-seedN) are listed under seed noise.
+missing, not left out. Runs of other seeds (<row>-seedN, and <row>-initN, <row>-dropoutN,
+<row>-dataN for one noise source) are listed under seed noise.
 """
 
 import json
@@ -19,11 +20,13 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_dict  # noqa: E402
 
 from attn import config_lib  # noqa: E402
+from attn import plot as learning_curves  # noqa: E402
 from attn.model_config import ModelConfig  # noqa: E402
 from attn.summary import summarize  # noqa: E402
 
 table3 = config_lib.load_module(pathlib.Path(__file__).parents[2] / 'configs' / 'table3.py')
 
+SOURCES = config_lib.SEED_SOURCES
 _ROOT = flags.DEFINE_string('root', 'runs/table3', 'Folder holding one workdir per row.')
 _OUT = flags.DEFINE_string('out', None, 'Where report.md and table3.png go (default: --root).')
 
@@ -38,13 +41,13 @@ def read_run(workdir: pathlib.Path) -> dict | None:
     if not report_path.exists():
         return None
     report = json.loads(report_path.read_text())
-    rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    rows = learning_curves.read_metrics(str(workdir))
     train_rows = [r for r in rows if 'split' not in r and 'time' in r]
     wall = train_rows[-1]['time'] - train_rows[0]['time'] if len(train_rows) > 1 else None
     return {
         'dataset': f'{config.data.name}/{config.data.config}',
         'model': config.model.to_dict(),
-        'seed': config.get('seed', 0),
+        'seeds': {source: config_lib.source_seed(config, source) for source in SOURCES},
         'params': summarize(config)['params'],
         'steps': steps,
         'wall_minutes': None if wall is None else wall / 60,
@@ -120,21 +123,33 @@ def markdown(results: dict[str, dict | None], root: pathlib.Path, seeds: dict | 
     return '\n'.join(lines) + '\n'
 
 
-def read_seeds(root: pathlib.Path) -> dict[str, list[tuple[int, dict]]]:
-    """Rows run with more than one seed: row -> [(seed, figures)] from the row's workdir
-    and its <row>-seedN workdirs (`launch/sweep.py ... --arg=seed=N`), keeping the runs
-    with the same data and model as the first."""
+def read_seeds(root: pathlib.Path) -> dict[str, list[tuple[tuple[int, ...], dict]]]:
+    """Rows run with more than one seed: row (every noise source's seed varies) or
+    'row (sources)' (only those vary) -> [(their seeds, figures)], from the row's workdir
+    and its <row>-seedN, <row>-initN, ... workdirs (`launch/sweep.py ... --arg=seed=N`),
+    keeping the runs with the same data and model as the first."""
     out = {}
     for row in table3.ROWS:
-        workdirs = [root / row, *sorted(root.glob(f'{row}-seed*'))]
+        workdirs = [root / row, *sorted(root.glob(f'{row}-*'))]
         runs = [run for run in map(read_run, workdirs) if run is not None]
         # Compared as ModelConfig: a config saved before a field existed has its default.
         kind = [(run['dataset'], ModelConfig.from_mapping(run['model'])) for run in runs]
         same = [run for run, k in zip(runs, kind, strict=True) if k == kind[0]]
-        by_seed = {run['seed']: run for run in same}
-        if len(by_seed) > 1:
-            out[row] = sorted(by_seed.items())
+        groups = {}
+        for run in same[1:]:
+            varied = tuple(s for s in SOURCES if run['seeds'][s] != same[0]['seeds'][s])
+            groups.setdefault(varied, [same[0]]).append(run)
+        for varied, group in groups.items():
+            name = row if len(varied) == len(SOURCES) else f'{row} ({", ".join(varied)})'
+            by_seed = {tuple(run['seeds'][s] for s in varied): run for run in group}
+            if len(by_seed) > 1:
+                out[name] = sorted(by_seed.items())
     return out
+
+
+def _seeds(seeds: tuple[int, ...]) -> str:
+    """One run's varied seeds: one number where they are all the same."""
+    return str(seeds[0]) if len(set(seeds)) == 1 else '/'.join(map(str, seeds))
 
 
 def seed_noise(seeds: dict[str, list[tuple[int, dict]]]) -> list[str]:
@@ -145,8 +160,9 @@ def seed_noise(seeds: dict[str, list[tuple[int, dict]]]) -> list[str]:
         '',
         '## Seed noise',
         '',
-        'Rows trained with several seeds (initialization, dropout and data order). A change '
-        "from base smaller than base's spread here is within seed noise.",
+        'Rows trained with several seeds (initialization, dropout and data order; `row '
+        '(sources)`: those alone, the others as the first run). A change from base smaller '
+        "than base's spread here is within seed noise.",
         '',
         '| row | seeds | PPL | BLEU | PPL spread | BLEU spread |',
         '|---|---|---|---|---|---|',
@@ -155,7 +171,7 @@ def seed_noise(seeds: dict[str, list[tuple[int, dict]]]) -> list[str]:
         ppl = [run['perplexity'] for _, run in runs]
         bleu = [run['bleu'] for _, run in runs]
         lines.append(
-            f'| {row} | {", ".join(str(seed) for seed, _ in runs)} | '
+            f'| {row} | {", ".join(_seeds(seeds) for seeds, _ in runs)} | '
             f'{", ".join(f"{p:.2f}" for p in ppl)} | {", ".join(f"{b:.1f}" for b in bleu)} | '
             f'{max(ppl) - min(ppl):.2f} | {max(bleu) - min(bleu):.1f} |'
         )
@@ -187,7 +203,12 @@ def main(argv):
     out = pathlib.Path(_OUT.value or root)
     out.mkdir(parents=True, exist_ok=True)
     results = {row: read_run(root / row) for row in table3.ROWS}
-    (out / 'report.md').write_text(markdown(results, root, read_seeds(root)))
+    report = markdown(results, root, read_seeds(root))
+    finished = [str(root / row) for row, run in results.items() if run is not None]
+    if finished:
+        learning_curves.write(finished, str(out / 'curves'))
+        report += '\n[Learning curves of the finished rows](curves/steps.png) (`curves/`).\n'
+    (out / 'report.md').write_text(report)
     plot(results, out / 'table3.png')
     done = sum(r is not None for r in results.values())
     print(f'{done} of {len(results)} rows finished; wrote {out}/report.md and table3.png')  # noqa: T201

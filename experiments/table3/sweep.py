@@ -21,9 +21,11 @@ def get_sweep(arg=None):
 
     `arg` is added to every row's config argument, e.g. --arg=dataset=l10n for the
     small-scale sweep on the embedded corpus; with seed=N (N > 0) the runs are named
-    <row>-seedN, beside the seed-0 runs, for the report's seed noise.
+    <row>-seedN, and with init_seed=N, dropout_seed=N or data_seed=N <row>-initN,
+    <row>-dropoutN or <row>-dataN, beside the seed-0 runs, for the report's seed noise.
     """
     suffix = f',{arg}' if arg else ''
-    seed = table3.get_config(arg).seed
-    name = '{}' if seed == 0 else f'{{}}-seed{seed}'  # other seeds of a row: seed noise
+    config = table3.get_config(arg)
+    seeds = {'seed': config.seed or None, **config.seeds}  # other seeds of a row: seed noise
+    name = '{}' + ''.join(f'-{key}{seed}' for key, seed in seeds.items() if seed is not None)
     return [(name.format(row), f'configs/table3.py:row={row}{suffix}') for row in table3.ROWS]
