@@ -346,7 +346,10 @@ def evaluate_loss(eval_step, params, batches, mesh) -> dict[str, float]:
     for batch in batches:
         batch = {k: v for k, v in batch.items() if k != 'index'}
         sums = eval_step(params, sharding.global_batch(mesh, batch))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        # One batch in flight at a time behind the running one (see train._Reporter.add).
+        totals = (
+            sums if totals is None else jax.tree.map(jnp.add, jax.block_until_ready(totals), sums)
+        )
     totals = jax.device_get(totals)
     weight = max(float(totals['weight']), 1.0)
     nll = float(totals['nll']) / weight

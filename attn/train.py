@@ -100,6 +100,11 @@ class _Reporter:
         self.pending: list[dict] = []
 
     def add(self, step: int, step_metrics: dict) -> None:
+        """Waits for the step before this one: one step queued behind the running one
+        keeps the devices busy, and XLA:CPU can deadlock in a collective when several
+        executions of a program loaded from the persistent compilation cache are queued."""
+        if self.pending:
+            jax.block_until_ready(self.pending[-1]['loss'])
         self.pending.append(step_metrics)
         self.progress.update(step)
 

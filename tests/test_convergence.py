@@ -1,6 +1,7 @@
 """The model learns: a tiny Transformer trained by `attn.step` reverses short sequences,
 decoded greedily by `attn.decode`. A wrong gradient, mask or schedule fails it."""
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -43,7 +44,8 @@ def test_a_tiny_transformer_learns_to_reverse_sequences():
     state, rng = run.state, np.random.default_rng(0)
     for _ in range(STEPS):
         batch = sharding.global_batch(mesh, reversal_batch(rng, 32))
-        state, _ = run.train(state, batch, run.rng)
+        state, metrics = run.train(state, batch, run.rng)
+        jax.block_until_ready(metrics)  # queued steps can hang XLA:CPU (train._Reporter.add)
     model = nnx.merge(run.graphdef, state.params, run.rest)
     held_out = reversal_batch(np.random.default_rng(1), 64)
     # Greedy decoding feeds back its own tokens: a decoder that saw the future in training
