@@ -143,9 +143,12 @@ def analyze(
     split: str | None = None,
     prune_steps: int = 8,
     data: datasets.Data | None = None,
+    step: int | str | None = None,
+    average_last: int = 1,
 ) -> dict:
-    """Writes the pictures and JSON files of a checkpoint's attention to `out`."""
-    run = restore.load(workdir)
+    """Writes the pictures and JSON files of a checkpoint's attention to `out` (`step`
+    and `average_last` as in `restore.load`)."""
+    run = restore.load(workdir, step=step, average_last=average_last)
     config, kind = run.config, run.config.model_kind
     split = split or config.data.eval_split
     data = data or datasets.load(config, [split])
@@ -194,7 +197,7 @@ def main(argv):
     if FLAGS.workdir is None or FLAGS.out is None:
         raise app.UsageError('--workdir and --out are required.')
     if FLAGS.prompt is not None:
-        run = restore.load(FLAGS.workdir)
+        run = restore.load(FLAGS.workdir, step=FLAGS.step, average_last=FLAGS.average_last)
         tokenizer = datasets.load(run.config, ['train']).tokenizer
         view = generation.generate(
             run, tokenizer, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens
@@ -207,6 +210,8 @@ def main(argv):
         sentences=FLAGS.sentences,
         split=FLAGS.split,
         prune_steps=FLAGS.prune_steps,
+        step=FLAGS.step,
+        average_last=FLAGS.average_last,
     )
     print(json.dumps(summary))  # noqa: T201 - the command's report
 
@@ -217,6 +222,7 @@ def run():
     flags.DEFINE_integer('sentences', 8, 'Sentences of the split to analyse.')
     flags.DEFINE_string('split', None, "Split to read (default: the config's eval split).")
     flags.DEFINE_integer('prune_steps', 8, 'Points on the pruning curve.')
+    cli.define_checkpoint_flags()
     flags.DEFINE_string(
         'prompt', None, 'Show attention while generating: text to continue or translate.'
     )

@@ -1,7 +1,7 @@
 """The mean of a run's last K checkpoints, written as a checkpoint of its own (§6.1: base
 models average the last 5 checkpoints, big models the last 20).
 
-    python -m attn.average --workdir=W --last=K [--step=N] [--out=W2]
+    python -m attn.average --workdir=W --last=K [--step=N|best] [--out=W2]
 
 W2 (default W/average-last<K>) is a workdir like any other: `W2/checkpoints/<step>/` holds
 the averaged parameters (no optimizer state) and the run's config, at the step of the last
@@ -22,9 +22,11 @@ from attn import checkpoint, cli, restore, sharding
 from attn import workdir as workdir_lib
 
 
-def average(workdir: str, *, last: int, out: str | None = None, step: int | None = None) -> dict:
-    """Writes the mean of the last `last` checkpoints (up to `step`) to `out`; returns
-    what it wrote ({'out', 'steps', 'step'})."""
+def average(
+    workdir: str, *, last: int, out: str | None = None, step: int | str | None = None
+) -> dict:
+    """Writes the mean of the last `last` checkpoints (up to `step`; restore.BEST: the
+    best kept) to `out`; returns what it wrote ({'out', 'steps', 'step'})."""
     out = out or os.path.join(workdir, f'average-last{last}')
     if os.path.abspath(out) == os.path.abspath(workdir):
         raise checkpoint.CheckpointError(
@@ -60,7 +62,7 @@ def main(argv):
 def run():
     flags.DEFINE_string('workdir', None, 'Workdir of a trained run.')
     flags.DEFINE_integer('last', 5, 'Average the parameters of the last K checkpoints.')
-    flags.DEFINE_integer('step', None, 'Last checkpoint step to include (default: the latest).')
+    cli.define_step_flag('Last checkpoint step to include (default: the latest)')
     flags.DEFINE_string('out', None, 'Workdir to write the average to (default: W/average-lastK).')
     cli.run(main)
 

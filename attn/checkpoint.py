@@ -2,7 +2,9 @@
 position and the config, saved together so a resumed run continues exactly.
 
 Items of each step: `state` (step, params, optimizer state; a PyTree), `data`
-(each host's Grain iterator state) and `config` (JSON). Saves are asynchronous.
+(each host's Grain iterator state) and `config` (JSON), and Orbax's own `metrics` (the
+validation metrics, when the step was evaluated). Saves are asynchronous. Kept: the
+latest `keep` checkpoints and the one of lowest validation perplexity.
 Restores go onto whatever devices the restoring process has, so a checkpoint written
 on 8 GPUs opens on a laptop CPU for analysis.
 """
@@ -36,6 +38,25 @@ class _Unreadable(Exception):
 
 
 _STEP_METADATA = '_CHECKPOINT_METADATA'  # Orbax writes it as a save starts and ends
+
+
+def _perplexity(metrics: dict) -> float:
+    """What ranks checkpoints: the validation perplexity saved with one (lower is better)."""
+    return metrics['perplexity']
+
+
+def _preservation(keep: int | None) -> ocp.checkpoint_managers.PreservationPolicy:
+    """The latest `keep` checkpoints (None: all), and the best by validation perplexity.
+    Checkpoints saved without metrics (steps not evaluated) count for the latest only:
+    never best, and never kept for it."""
+    policies = ocp.checkpoint_managers
+    best = policies.BestN(
+        get_metric_fn=_perplexity,
+        reverse=True,  # BestN keeps the end of the sorted list: descending, so the lowest
+        n=1,
+        keep_checkpoints_without_metrics=False,
+    )
+    return policies.AnyPreservationPolicy([policies.LatestN(n=keep), best])
 
 
 def _short(error: BaseException, limit: int = 200) -> str:
@@ -116,7 +137,9 @@ class Checkpointer:
         """`create=False` opens existing checkpoints for reading and creates nothing."""
         self.directory = epath.Path(directory)
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+            best_fn=_perplexity,  # also makes Orbax write the metrics given to `save`
+            best_mode='min',
+            preservation_policy=_preservation(keep),
             create=create,
             enable_async_checkpointing=async_save,
             read_only=not create,
@@ -131,15 +154,29 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, data_iterator=None, config: dict | None = None) -> None:
+    def best_step(self) -> int | None:
+        """The kept step of lowest validation perplexity; None when no kept checkpoint was
+        saved with metrics (older runs, or no save at an evaluated step)."""
+        return self.manager.best_step()
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_iterator=None,
+        config: dict | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> None:
+        """`metrics`: the validation metrics of `step` (with 'perplexity'), only if it was
+        evaluated; Orbax keeps them in the step's directory, where a resumed run reads them."""
         items = {'state': ocp.args.PyTreeSave(state)}
         if data_iterator is not None:
             items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
             items['config'] = ocp.args.JsonSave(config)
         self._check_room(step, state)
-        with self._saving():
-            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        with self._saving(), _no_missing_metrics_warning():
+            self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
         logging.info('Saving checkpoint of step %d to %s', step, self.directory)
 
     def restore(self, target_state: Any, data_iterator=None, step: int | None = None) -> Any:
@@ -312,6 +349,22 @@ class Checkpointer:
                 f'{_save_failure(error)}: saving checkpoint {failed} in {self.directory} '
                 f'failed (its partial files are removed). {self._intact()}'
             ) from error
+
+
+@contextlib.contextmanager
+def _no_missing_metrics_warning():
+    """Drops Orbax's warning that a save has no metrics: a step that was not evaluated is
+    saved without them on purpose."""
+
+    def keep(record) -> bool:
+        return 'did not provide metrics' not in record.getMessage()
+
+    logger = logging.get_absl_logger()
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _save_failure(error: BaseException) -> str:

@@ -55,6 +55,42 @@ def define_config_flag() -> None:
         )
 
 
+class _StepParser(flags.ArgumentParser):
+    """A checkpoint step: a number, or restore.BEST."""
+
+    def parse(self, argument):
+        from attn import restore  # not at import: restore brings the data stack
+
+        if argument == restore.BEST:
+            return argument
+        try:
+            return int(argument)
+        except ValueError:
+            raise ValueError(f'{argument!r}: give a step number or {restore.BEST}') from None
+
+    def flag_type(self) -> str:
+        return "int or 'best'"
+
+
+def define_step_flag(help_: str = 'Checkpoint step (default: the latest)') -> None:
+    """--step: a checkpoint step, or `best`: the kept one of lowest validation perplexity."""
+    flags.DEFINE(
+        _StepParser(), 'step', None, f'{help_}; best: the kept one of lowest validation perplexity.'
+    )
+
+
+def define_checkpoint_flags() -> None:
+    """--step and --average_last, for the commands that read a checkpoint or a mean."""
+    define_step_flag()
+    flags.DEFINE_integer(
+        'average_last',
+        1,
+        'Average the parameters of the last K kept checkpoints up to --step; with '
+        '--step=best, those ending at the best (often the best alone: older ones are kept '
+        'only while among the latest config.keep_checkpoints).',
+    )
+
+
 def config(validate: bool = True):
     """The --config value, refused (one line) if it cannot work: its file is missing, or
     `configuration.validate` fails. That check counts one device, since counting them would

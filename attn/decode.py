@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from attn import distributed, layers, sharding
+from attn.errors import UserError
 from attn.model import LanguageModel, Transformer
 from attn.tokens import BOS_ID, EOS_ID, PAD_ID
 
@@ -59,7 +60,8 @@ def _start(graphdef, state, inputs, *, batch_size: int, copies: int, length: int
       length: L, positions in each self-attention cache.
     Returns:
       (step, self_cache): `step(self_cache, tokens [R], t) -> (logits [R, V] float32,
-      self_cache)` feeds `tokens` at position t, R = B * copies.
+      self_cache)` feeds `tokens` at position t, R = B * copies; given tokens [R, T] it
+      feeds positions t, ..., t + T - 1 in one pass (a prefill) and returns [R, T, V].
     """
     model = nnx.merge(graphdef, state)
     if inputs is not None:
@@ -79,12 +81,15 @@ def _start(graphdef, state, inputs, *, batch_size: int, copies: int, length: int
 
     def step(cache, tokens, t):
         m = nnx.merge(step_def, cache, source_cache, rest)
-        positions = jnp.full((rows, 1), t, jnp.int32)  # [R, 1]
+        ids = tokens.reshape(rows, -1)  # [R, T], T = 1 for one step
+        T = ids.shape[1]
+        positions = t + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (rows, T))  # [R, T]
         if inputs is None:
-            logits = m.decode_step(tokens[:, None], positions=positions)  # [R, 1, V]
+            logits = m.decode_step(ids, positions=positions)  # [R, T, V]
         else:
-            logits = m.decode_step(tokens[:, None], positions=positions, inputs=source)
-        return logits[:, 0].astype(jnp.float32), nnx.state(m, layers.DecodeCache)
+            logits = m.decode_step(ids, positions=positions, inputs=source)
+        logits = logits.astype(jnp.float32).reshape(*tokens.shape, -1)  # [R, V] or [R, T, V]
+        return logits, nnx.state(m, layers.DecodeCache)
 
     return step, self_cache
 
@@ -228,6 +233,15 @@ class _Beams(NamedTuple):
     cache: nnx.State  # self-attention caches, rows [B * K]
     finished_seqs: jax.Array  # [B, K, L] ids up to EOS (or the length limit), then PAD
     finished_scores: jax.Array  # [B, K] log-prob / length penalty; -inf = empty slot
+    finished_logprobs: jax.Array  # [B, K] log-prob (sum over tokens); -inf = empty slot
+
+
+class Hypotheses(NamedTuple):
+    """Every sentence's K finished hypotheses, best first (`beam_search(return_all=True)`)."""
+
+    tokens: jax.Array  # [B, K, L] ids without BOS, up to and including EOS, then PAD
+    scores: jax.Array  # [B, K] log P(Y|X) / lp(Y), the ranking score; -inf = empty slot
+    logprobs: jax.Array  # [B, K] log P(Y|X)
 
 
 def _beams_done(beams: _Beams, limits: jax.Array, alpha) -> jax.Array:
@@ -280,6 +294,7 @@ def _beam_step(beams: _Beams, step: Step, limits: jax.Array, alpha, min_length) 
     scores = jnp.where(ended, top_logprobs / length_penalty(beams.t + 1, alpha), NEG_INF)
     all_scores = jnp.concatenate([beams.finished_scores, scores], axis=1)  # [B, 3K]
     all_seqs = jnp.concatenate([beams.finished_seqs, seqs], axis=1)  # [B, 3K, L]
+    all_logprobs = jnp.concatenate([beams.finished_logprobs, top_logprobs], axis=1)  # [B, 3K]
     finished_scores, best = jax.lax.top_k(all_scores, K)  # [B, K]
     return _Beams(
         t=beams.t + 1,
@@ -289,6 +304,7 @@ def _beam_step(beams: _Beams, step: Step, limits: jax.Array, alpha, min_length) 
         cache=cache,
         finished_seqs=jnp.take_along_axis(all_seqs, best[..., None], axis=1),  # [B, K, L]
         finished_scores=finished_scores,
+        finished_logprobs=jnp.take_along_axis(all_logprobs, best, axis=1),  # [B, K]
     )
 
 
@@ -307,13 +323,14 @@ def _beam_search(graphdef, state, inputs, alpha, min_length, *, beam_size, max_e
         cache=cache,
         finished_seqs=jnp.full((B, K, L), PAD_ID, jnp.int32),
         finished_scores=jnp.full((B, K), NEG_INF, jnp.float32),
+        finished_logprobs=jnp.full((B, K), NEG_INF, jnp.float32),
     )
     beams = jax.lax.while_loop(
         lambda b: (b.t < L) & ~_beams_done(b, limits, alpha).all(),
         lambda b: _beam_step(b, step, limits, alpha, min_length),
         beams,
     )
-    return beams.finished_seqs, beams.finished_scores
+    return Hypotheses(beams.finished_seqs, beams.finished_scores, beams.finished_logprobs)
 
 
 def beam_search(
@@ -325,7 +342,7 @@ def beam_search(
     max_extra_length: int = 50,
     min_length: int = 0,
     return_all: bool = False,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array] | Hypotheses:
     """Beam search with the paper's settings (§6.1): beam 4, length penalty alpha 0.6,
     maximum output length input + 50, early stop.
 
@@ -345,11 +362,11 @@ def beam_search(
       return_all: return every finished hypothesis, best first.
     Returns:
       (tokens [B, L] int32, scores [B] float32) of the best hypothesis per sentence, or
-      ([B, K, L], [B, K]) with return_all; L = S + max_extra_length, tokens without BOS,
-      up to and including EOS, then PAD.
+      all K of them with return_all (`Hypotheses`); L = S + max_extra_length, tokens
+      without BOS, up to and including EOS, then PAD.
     """
     graphdef, state = _split(model, Transformer)
-    seqs, scores = _beam_search(
+    hypotheses = _beam_search(
         graphdef,
         state,
         jnp.asarray(inputs, jnp.int32),
@@ -359,8 +376,8 @@ def beam_search(
         max_extra_length=max_extra_length,
     )
     if return_all:
-        return seqs, scores
-    return seqs[:, 0], scores[:, 0]
+        return hypotheses
+    return hypotheses.tokens[:, 0], hypotheses.scores[:, 0]
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -426,11 +443,40 @@ def _choose(key, logits, temperature, top_k, top_p) -> jax.Array:
     return jnp.where(temperature > 0, _argmax(filtered + gumbel), _argmax(logits))
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=('max_length',))
-def _sample(graphdef, state, prompts, prompt_lengths, key, settings, *, max_length):
+def _prefill(step: Step, cache: nnx.State, prompts: jax.Array, prompt_lengths: jax.Array):
+    """Feeds the prompts through the caches in one parallel pass instead of P steps.
+
+    Every row's inputs at positions [0, P) (BOS, then its first P - 1 prompt tokens) are
+    written at once, causal within the pass; then every cache index is set back to m =
+    min(prompt_lengths), the positions whose inputs every row shares with the step-by-step
+    loop. That loop goes on from m as it would have (forcing the longer rows' remaining
+    prompt tokens): it rewrites positions m, ..., P - 1 before any query can see them (a
+    step at t attends to positions <= t), so rows of any lengths come out the same.
+
+    Args:
+      step, cache: from `_start`, the caches still empty.
+      prompts: [B, P] ids, P >= 1.
+      prompt_lengths: [B] int32.
+    Returns:
+      (m [] int32, the input at position m [B] (BOS if m = 0, else prompt token m - 1),
+      the caches with index m).
+    """
+    P = prompts.shape[1]
+    inputs = jnp.pad(prompts, ((0, 0), (1, 0)), constant_values=BOS_ID)  # [B, P + 1]
+    _, cache = step(cache, inputs[:, :P], 0)  # the logits go unused: XLA drops them
+    m = prompt_lengths.min()
+    cache = jax.tree.map(lambda x: x if x.ndim else m, cache)  # the scalar cache indices
+    return m, jax.lax.dynamic_index_in_dim(inputs, m, axis=1, keepdims=False), cache
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=('max_length', 'prefill'))
+def _sample(graphdef, state, prompts, prompt_lengths, key, settings, *, max_length, prefill):
     B, P = prompts.shape
     step, cache = _start(graphdef, state, None, batch_size=B, copies=1, length=max_length)
     forced = jnp.pad(prompts, ((0, 0), (0, max_length - P)), constant_values=PAD_ID)  # [B, L]
+    start, last = jnp.array(0, jnp.int32), jnp.full((B,), BOS_ID, jnp.int32)
+    if prefill and P > 0:  # P = 0: nothing to prefill
+        start, last, cache = _prefill(step, cache, prompts, prompt_lengths)
 
     def cond(carry):
         t, _, _, done, _ = carry
@@ -449,9 +495,9 @@ def _sample(graphdef, state, prompts, prompt_lengths, key, settings, *, max_leng
         return t + 1, out, token, done, cache
 
     init = (
-        jnp.array(0, jnp.int32),
-        jnp.full((B, max_length), PAD_ID, jnp.int32),
-        jnp.full((B,), BOS_ID, jnp.int32),
+        start,
+        jnp.where(jnp.arange(max_length) < start, forced, PAD_ID),  # [B, L], prefilled prompt
+        last,
         jnp.zeros((B,), bool),
         cache,
     )
@@ -468,20 +514,25 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
+    prefill: bool = True,
 ) -> jax.Array:
     """Samples continuations of prompts from a LanguageModel.
 
-    The prompt tokens are fed through the cache one step at a time (forced), then each
-    row samples from softmax(logits / temperature), restricted to the top_k tokens and
-    then to the top_p nucleus, until EOS or max_length. The step-t key is
-    fold_in(PRNGKey(seed), t): the same seed gives the same tokens. temperature=0 (or
-    top_k=1) is greedy decoding. Settings are traced, so changing them does not recompile.
+    The prompts are first fed through the cache in one parallel pass (`_prefill`) over the
+    positions every row's prompt covers, min(prompt_lengths); the longer rows' remaining
+    prompt tokens are then fed one step at a time (forced), while each row past its prompt
+    samples from softmax(logits / temperature), restricted to the top_k tokens and then to
+    the top_p nucleus, until EOS or max_length. The step-t key is fold_in(PRNGKey(seed),
+    t): the same seed gives the same tokens. temperature=0 (or top_k=1) is greedy
+    decoding. Settings are traced, so changing them does not recompile.
 
     Args:
       model: a LanguageModel.
       prompts: [B, P] ids, left-aligned and right-padded with PAD_ID (no BOS).
       prompt_lengths: [B] int, each row's prompt length (0 samples from BOS alone).
       max_length: L >= P, length of the output including the prompt.
+      prefill: False feeds the whole prompt step by step, the path prefill replaces (the
+        same tokens, up to float rounding); kept to compare and measure the two.
     Returns:
       [B, L] int32: the prompt, then the sampled tokens up to and including EOS, then PAD.
     """
@@ -499,7 +550,9 @@ def sample(
         raise ValueError(f'prompt_lengths {lengths} do not fit prompts of shape {prompts.shape}.')
     key = jax.random.key(seed)
     lengths = jnp.asarray(lengths, jnp.int32)
-    return _sample(graphdef, state, prompts, lengths, key, settings, max_length=max_length)
+    return _sample(
+        graphdef, state, prompts, lengths, key, settings, max_length=max_length, prefill=prefill
+    )
 
 
 def output_length(row: np.ndarray) -> int:
@@ -513,6 +566,20 @@ def _bucket(n: int, smallest: int = 8) -> int:
     return max(smallest, 1 << (max(n, 1) - 1).bit_length())
 
 
+class SearchError(UserError, ValueError):
+    """Search settings that do not fit together; names the fix."""
+
+
+def check_nbest(nbest: int, beam_size: int) -> None:
+    """An n-best list of K needs a beam search of at least K hypotheses (0: no list)."""
+    if nbest and not (nbest >= 1 and beam_size > 1 and nbest <= beam_size):
+        raise SearchError(
+            f"--nbest={nbest} lists the beam's finished hypotheses: it needs "
+            f'--beam_size >= {max(nbest, 2)} (now {beam_size}); lower --nbest or raise '
+            '--beam_size.'
+        )
+
+
 def translate(
     model: Transformer,
     inputs,
@@ -521,8 +588,10 @@ def translate(
     alpha: float = 0.6,
     max_extra_length: int = 50,
     mesh: Mesh | None = None,
-) -> np.ndarray:
-    """Best translation per sentence: greedy for beam_size 1, else beam search.
+    nbest: int = 0,
+) -> np.ndarray | Hypotheses:
+    """Best translation per sentence: greedy for beam_size 1, else beam search; or, with
+    `nbest` K, the K best finished hypotheses of the beam search (1 <= K <= beam_size).
 
     Batches of any shape are padded to power-of-two rows and width, so a whole test set
     compiles a handful of programs rather than one per batch shape. Padding changes no
@@ -536,8 +605,11 @@ def translate(
     Args:
       inputs: [B, S] source ids ending in EOS, right-padded (this host's rows).
     Returns:
-      [B, L] ids without BOS, up to and including EOS, then PAD.
+      [B, L] ids without BOS, up to and including EOS, then PAD; with `nbest`, the
+      `Hypotheses` as NumPy arrays of K per sentence, best first (a slot that never
+      filled, possible only with a tiny vocabulary, scores -inf).
     """
+    check_nbest(nbest, beam_size)
     inputs = np.asarray(inputs)
     rows, width = inputs.shape
     shape = [_bucket(rows, 1), _bucket(width)]
@@ -549,11 +621,14 @@ def translate(
     padded[:rows, :width] = inputs
     if mesh is not None:
         padded = sharding.global_batch(mesh, {'inputs': padded})['inputs']
+
+    def own_rows(x: jax.Array) -> np.ndarray:
+        return (np.asarray(x) if mesh is None else sharding.host_rows(mesh, x))[:rows]
+
     if beam_size == 1:
-        tokens = greedy_search(model, padded, max_extra_length=max_extra_length)
-    else:
-        tokens, _ = beam_search(
-            model, padded, beam_size=beam_size, alpha=alpha, max_extra_length=max_extra_length
-        )
-    tokens = np.asarray(tokens) if mesh is None else sharding.host_rows(mesh, tokens)
-    return tokens[:rows]
+        return own_rows(greedy_search(model, padded, max_extra_length=max_extra_length))
+    settings = {'beam_size': beam_size, 'alpha': alpha, 'max_extra_length': max_extra_length}
+    if not nbest:
+        return own_rows(beam_search(model, padded, **settings)[0])
+    found = beam_search(model, padded, return_all=True, **settings)
+    return Hypotheses(*(own_rows(x)[:, :nbest] for x in found))

@@ -22,9 +22,10 @@ import jax
 from absl import flags, logging
 from flax import nnx
 
-from attn import bleu, cli, decode, distributed, restore
+from attn import bleu, cli, decode, distributed, restore, translate
 from attn import step as step_lib
 from attn.data import datasets
+from attn.errors import UserError
 
 
 def perplexity(run: restore.Run, data: datasets.Data, split: str) -> dict[str, float]:
@@ -42,31 +43,47 @@ def perplexity(run: restore.Run, data: datasets.Data, split: str) -> dict[str, f
 
 
 def translate_split(
-    model, config, data: datasets.Data, split: str, *, beam_size: int, alpha: float, mesh
-) -> tuple[list[str], int]:
-    """Detokenized translations of every example of `data.splits[split]`, in order, and
-    the number of target tokens generated (EOS included).
+    model,
+    config,
+    data: datasets.Data,
+    split: str,
+    *,
+    beam_size: int,
+    alpha: float,
+    mesh,
+    nbest: int = 0,
+) -> tuple[list[str], int, list[list[dict]]]:
+    """Detokenized translations of every example of `data.splits[split]`, in order, the
+    number of target tokens generated (EOS included) and, with `nbest` K, each example's
+    K best hypotheses (`translate.nbest_list`; else []). The translations are the 1-best.
 
     Data-parallel over `mesh`: each process decodes its rows of each batch over the
     devices, then every process gathers all rows, so each holds the whole split."""
     translations: dict[int, str] = {}
+    lists: dict[int, list[dict]] = {}
     generated = 0
     for batch in data.eval_batches(config, split):
-        tokens = decode.translate(
+        found = decode.translate(
             model,
             batch['inputs'],
             beam_size=beam_size,
             alpha=alpha,
             max_extra_length=config.decode.max_extra_length,
             mesh=mesh,
+            nbest=nbest,
         )
         indices = distributed.gather_rows(batch['index'])
-        tokens = distributed.gather_rows(tokens)
-        for index, row in zip(indices, tokens, strict=True):
+        if nbest:
+            found = decode.Hypotheses(*(distributed.gather_rows(x) for x in found))
+        tokens = found.tokens[:, 0] if nbest else distributed.gather_rows(found)
+        for row, (index, best) in enumerate(zip(indices, tokens, strict=True)):
             if index >= 0:
-                translations[int(index)] = data.tokenizer.decode(row)
-                generated += decode.output_length(row)
-    return [translations[i] for i in range(len(translations))], generated
+                translations[int(index)] = data.tokenizer.decode(best)
+                generated += decode.output_length(best)
+                if nbest:
+                    lists[int(index)] = translate.nbest_list(data.tokenizer, found, row)
+    hypotheses = [translations[i] for i in range(len(translations))]
+    return hypotheses, generated, [lists[i] for i in range(len(lists))]
 
 
 def sample_bleu(model, config, data: datasets.Data, split: str, examples: int, mesh) -> float:
@@ -75,7 +92,7 @@ def sample_bleu(model, config, data: datasets.Data, split: str, examples: int, m
     source = data.splits[split]
     sample = [source[i] for i in range(min(examples, len(source)))]
     subset = datasets.Data(data.tokenizer, data.features, {split: sample})
-    hypotheses, _ = translate_split(
+    hypotheses, _, _ = translate_split(
         model,
         config,
         subset,
@@ -106,14 +123,20 @@ def evaluate(
     beam_size: int | None = None,
     alpha: float | None = None,
     data: datasets.Data | None = None,
+    nbest: int = 0,
 ) -> dict:
-    """Scores a checkpoint (or an average of the last few) on a split; writes the report.
+    """Scores a checkpoint (or an average of the last few) on a split; writes the report,
+    and with `nbest` K each example's K best hypotheses beside it (<name>.nbest.jsonl).
 
     `data` defaults to the run's dataset (`datasets.load` of its saved config).
     """
     start = time.perf_counter()
     run = restore.load(workdir, step=step, average_last=average_last)
     config = run.config
+    beam_size = beam_size or config.decode.beam_size
+    if nbest and config.model_kind != 'transformer':
+        raise UserError('--nbest lists translations; a language model has none (drop --nbest).')
+    decode.check_nbest(nbest, beam_size)
     data = data or datasets.load(config, [split])
     report = {
         'workdir': os.path.abspath(workdir),
@@ -122,12 +145,19 @@ def evaluate(
         'checkpoint_steps': run.steps,
     }
     report |= perplexity(run, data, split)
+    lists = []
     if config.model_kind == 'transformer':
-        beam_size = beam_size or config.decode.beam_size
         alpha = config.decode.alpha if alpha is None else alpha
         decode_start = time.perf_counter()
-        hypotheses, generated = translate_split(
-            run.model, config, data, split, beam_size=beam_size, alpha=alpha, mesh=run.mesh
+        hypotheses, generated, lists = translate_split(
+            run.model,
+            config,
+            data,
+            split,
+            beam_size=beam_size,
+            alpha=alpha,
+            mesh=run.mesh,
+            nbest=nbest,
         )
         seconds = time.perf_counter() - decode_start
         refs = references(data, split)
@@ -145,9 +175,28 @@ def evaluate(
         report['samples'] = [{'reference': r, 'translation': h} for h, r in pairs]
     report['seconds'] = round(time.perf_counter() - start, 2)
     name = f'{split}-{run.step}' + (f'-avg{len(run.steps)}' if len(run.steps) > 1 else '')
+    if nbest:
+        report['nbest'] = {'k': nbest, 'file': os.path.join('eval', f'{name}.nbest.jsonl')}
     if distributed.is_main():
         write_report(workdir, report, name)
+        if nbest:
+            write_nbest(workdir, data.splits[split], data.features[0], lists, name)
     return report
+
+
+def write_nbest(workdir: str, examples, source_feature: str, lists, name: str) -> None:
+    """W/eval/<name>.nbest.jsonl: per example, in order, {"index", "source", "nbest"}."""
+    path = os.path.join(workdir, 'eval', f'{name}.nbest.jsonl')
+    try:
+        with open(path, 'w', encoding='utf-8') as f:
+            for index, hypotheses in enumerate(lists):
+                source = text(examples[index][source_feature])
+                line = {'index': index, 'source': source, 'nbest': hypotheses}
+                f.write(json.dumps(line, ensure_ascii=False) + '\n')
+    except OSError as error:
+        logging.warning('Cannot write the n-best lists to %s (%s).', path, error)
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def write_report(workdir: str, report: dict, name: str) -> str | None:
@@ -178,6 +227,7 @@ def main(argv):
         step=FLAGS.step,
         beam_size=FLAGS.beam_size,
         alpha=FLAGS.alpha,
+        nbest=FLAGS.nbest,
     )
     if distributed.is_main():
         print(json.dumps(report, ensure_ascii=False))  # noqa: T201 - the command's report
@@ -186,12 +236,14 @@ def main(argv):
 def run():
     flags.DEFINE_string('workdir', None, 'Workdir of a trained run.')
     flags.DEFINE_string('split', 'test', 'Dataset split to score.')
-    flags.DEFINE_integer('average_last', 1, 'Average the parameters of the last K checkpoints.')
-    flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+    cli.define_checkpoint_flags()
     flags.DEFINE_integer(
         'beam_size', None, 'Beam size (default: config.decode.beam_size); 1 = greedy.'
     )
     flags.DEFINE_float('alpha', None, 'Length penalty (default: config.decode.alpha).')
+    flags.DEFINE_integer(
+        'nbest', 0, 'Also write the K best beam hypotheses per example (K <= --beam_size).'
+    )
     distributed.define_flags()
     cli.run(main)
 

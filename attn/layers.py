@@ -47,8 +47,8 @@ class MultiHeadAttention(nnx.Module):
 
     One method per way of attending:
       `__call__(inputs_q, inputs_kv)`: every query position at once (training, scoring);
-      `append_and_attend(inputs_q)`: one decoding step of self-attention over the
-        positions decoded so far (after `init_cache`);
+      `append_and_attend(inputs_q)`: self-attention of one decoding step (or of a
+        prefill's several positions) over the positions decoded so far (after `init_cache`);
       `attend_to_source(inputs_q)`: one decoding step of encoder-decoder attention over
         the source projected by `init_cross_cache`.
     """
@@ -143,8 +143,8 @@ class MultiHeadAttention(nnx.Module):
     # ------------------------------------------------------------ cached decoding
 
     def init_cache(self, batch_size: int, max_length: int) -> None:
-        """Self-attention: an empty key/value cache, filled one position per
-        `append_and_attend` call.
+        """Self-attention: an empty key/value cache, filled by `append_and_attend` calls
+        (one position per decoding step, several per prefill).
 
         Caches are stored head-major, [B, N, L, *]: writing one position and reading
         them back then needs no relayout of the whole cache at each step on CPU.
@@ -156,21 +156,23 @@ class MultiHeadAttention(nnx.Module):
         self.cache_index = DecodeCache(jnp.array(0, jnp.int32))
 
     def append_and_attend(self, inputs_q: jax.Array) -> jax.Array:
-        """One decoding step of self-attention: writes the step's key/value at the cache
-        index and attends to every position written so far (causal by construction).
+        """Self-attention through the cache: writes the keys/values of T new positions at the
+        cache index and attends from each to every position written up to and including
+        itself (causal by construction, §3.2.3). T = 1 is one decoding step; T > 1 fills
+        several positions in one parallel pass (a prompt's prefill). The caller keeps the
+        index + T within the cache length L (the write would be clamped).
 
         Args:
-          inputs_q: [B, 1, D], the decoder stream at the current position.
+          inputs_q: [B, T, D], the decoder stream at positions index, ..., index + T - 1.
         Returns:
-          [B, 1, D].
+          [B, T, D].
         """
         if self.cache_index is None:
             raise ValueError('append_and_attend needs init_cache(batch_size, max_length) first.')
-        if inputs_q.shape[1] != 1:
-            raise ValueError(
-                f'Incremental decoding takes one position per call, got {inputs_q.shape[1]}.'
-            )
-        key, value = self._keys_values(inputs_q)  # [B, 1, N, *]
+        T, L = inputs_q.shape[1], self.cache_key.shape[2]
+        if T > L:
+            raise ValueError(f'append_and_attend: {T} positions do not fit a cache of {L}.')
+        key, value = self._keys_values(inputs_q)  # [B, T, N, *]
         index = self.cache_index[...]
         start = (0, 0, index, 0)
         self.cache_key[...] = jax.lax.dynamic_update_slice(
@@ -179,13 +181,14 @@ class MultiHeadAttention(nnx.Module):
         self.cache_value[...] = jax.lax.dynamic_update_slice(
             self.cache_value[...], value.transpose(0, 2, 1, 3), start
         )  # [B, N, L, H]
-        self.cache_index[...] = index + 1
-        written = jnp.arange(self.cache_key.shape[2]) <= index  # [L]
+        self.cache_index[...] = index + T
+        # Query t sits at position index + t and sees the cache up to that position.
+        written = jnp.arange(L)[None, :] <= index + jnp.arange(T)[:, None]  # [T, L]
         return self._attend(
             self._queries(inputs_q),
             self.cache_key[...].transpose(0, 2, 1, 3),  # [B, L, N, K]
             self.cache_value[...].transpose(0, 2, 1, 3),  # [B, L, N, H]
-            written[None, None, None, :],  # [1, 1, 1, L]
+            written[None, None],  # [1, 1, T, L]
         )
 
     def init_cross_cache(self, inputs_kv: jax.Array) -> None:

@@ -201,7 +201,8 @@ class DecoderLayer(nnx.Module):
           self_mask: [B, 1, T, T] (None with decode: the cache masks what is not written).
           encoded: [B, S, D] encoder output (None with decode: its keys/values are cached).
           cross_mask: [B, 1, T, S].
-          decode: one position (T=1) through the caches of `Decoder.init_cache`.
+          decode: T new positions (one per decoding step, the prompt's at a prefill)
+            through the caches of `Decoder.init_cache`.
         """
         drop = functools.partial(self.dropout, deterministic=deterministic, rngs=rngs)
         train = dict(deterministic=deterministic, rngs=rngs)
@@ -323,8 +324,8 @@ class Decoder(nnx.Module):
         return self._finish(y, project)
 
     def init_cache(self, batch_size: int, max_length: int, *, encoded=None) -> None:
-        """Caches for `decode_step`: every self-attention's keys/values (filled one
-        position per step) and, of a decoder with encoder-decoder attention, the keys/values
+        """Caches for `decode_step`: every self-attention's keys/values (filled as positions
+        are decoded) and, of a decoder with encoder-decoder attention, the keys/values
         of this batch's source `encoded` [B, S, D] (projected once here). Refusing to run
         without `encoded` keeps another batch's source from being attended to."""
         if self.attends_to_source and encoded is None:
@@ -346,22 +347,23 @@ class Decoder(nnx.Module):
                 layer.cross_attention.init_cross_cache(encoded)
 
     def decode_step(self, tokens, *, positions, source_valid=None) -> jax.Array:
-        """Logits of the next token after one more position, through the caches.
+        """Logits of the next token after T more positions, through the caches: one per
+        decoding step, or a prompt's at once (a prefill; causal within the T).
 
         Args:
-          tokens: [B, 1] the latest token of each row (BOS first).
-          positions: [B, 1] its position, the step.
+          tokens: [B, T] the next inputs of each row (BOS first).
+          positions: [B, T] their positions, starting at the caches' index.
           source_valid: [B, S] bool, the source's real (non-PAD) tokens (None for a
             decoder-only model).
         Returns:
-          [B, 1, V] logits.
+          [B, T, V] logits.
         """
         cross_mask = None
         if source_valid is not None:
             cross_mask = attention_lib.padding_mask(jnp.ones_like(tokens, bool), source_valid)
         y = self.embedder(tokens, positions=positions, deterministic=True, rngs=None)
         for layer in self.layers:
-            y = layer(y, cross_mask=cross_mask, decode=True)  # [B, 1, D]
+            y = layer(y, cross_mask=cross_mask, decode=True)  # [B, T, D]
         return self._finish(y, project=True)
 
     def _finish(self, y: jax.Array, project: bool) -> jax.Array:
@@ -451,7 +453,7 @@ class Transformer(nnx.Module):
         )
 
     def decode_step(self, tokens, *, positions, inputs) -> jax.Array:
-        """Logits [B, 1, V] after `tokens` [B, 1] at `positions` [B, 1], through the caches
+        """Logits [B, T, V] after `tokens` [B, T] at `positions` [B, T], through the caches
         of `decoder.init_cache(..., encoded=...)`; the source ids `inputs` [B, S] give the
         source padding."""
         return self.decoder.decode_step(tokens, positions=positions, source_valid=inputs != PAD_ID)
@@ -522,8 +524,8 @@ class LanguageModel(nnx.Module):
         )
 
     def decode_step(self, tokens, *, positions) -> jax.Array:
-        """Logits [B, 1, V] after `tokens` [B, 1] at `positions` [B, 1], through the caches
-        of `decoder.init_cache`."""
+        """Logits [B, T, V] after `tokens` [B, T] at `positions` [B, T], through the caches
+        of `decoder.init_cache` (T = 1 per decoding step, more for a prompt's prefill)."""
         return self.decoder.decode_step(tokens, positions=positions)
 
 

@@ -4,6 +4,7 @@ has (any topology can have written it).
 
     run = restore.load('runs/l10n', average_last=5)
     run.model(inputs, targets)      # an nnx.Module: mask heads, capture attention...
+    best = restore.load('runs/l10n', step=restore.BEST)  # lowest validation perplexity
 
 Only parameters are read (never the Adam moments), placed on this run's mesh with the
 shardings the train step uses. Averaging is a running sum: one checkpoint's parameters
@@ -56,6 +57,25 @@ def open_checkpoints(workdir: str) -> checkpoint.Checkpointer:
     return ckpt
 
 
+BEST = 'best'  # a step argument: the kept checkpoint of lowest validation perplexity
+
+
+def resolve_step(ckpt: checkpoint.Checkpointer, step: int | str | None) -> int | None:
+    """`step`, with BEST replaced by the kept step of lowest validation perplexity (as
+    saved with it by training); CheckpointError naming the fix when none has one."""
+    if step != BEST:
+        return step
+    best = ckpt.best_step()
+    if best is None:
+        raise checkpoint.CheckpointError(
+            f'--step={BEST}: no checkpoint in {ckpt.directory} has a validation perplexity '
+            'recorded (written before training recorded it, or none saved at an evaluated '
+            f'step). Give --step=N for one of {ckpt.all_steps()}, or leave --step out for '
+            'the latest.'
+        )
+    return best
+
+
 def select_steps(available: list[int], step: int | None, average_last: int) -> list[int]:
     """The last `average_last` checkpoint steps up to `step` (default: the latest)."""
     if average_last < 1:
@@ -84,13 +104,14 @@ def running_mean(restore_one: Callable[[int], Any], steps: list[int]) -> Any:
 
 
 def load_params(
-    workdir: str, *, step: int | None = None, average_last: int = 1, mesh: Mesh
+    workdir: str, *, step: int | str | None = None, average_last: int = 1, mesh: Mesh
 ) -> tuple[config_dict.ConfigDict, list[int], Any]:
     """(config, steps, parameters as saved: nested dicts of arrays on `mesh`) of checkpoint
-    `step` (default: the latest), or the mean over the last `average_last` up to it."""
+    `step` (default: the latest; BEST: the best kept), or the mean over the last
+    `average_last` kept checkpoints up to it."""
     ckpt = open_checkpoints(workdir)
     try:
-        steps = select_steps(ckpt.all_steps(), step, average_last)
+        steps = select_steps(ckpt.all_steps(), resolve_step(ckpt, step), average_last)
         config = config_dict.ConfigDict(ckpt.restore_config(steps[-1]))
         mode = config.get('sharding', 'replicated')
 
@@ -106,13 +127,13 @@ def load_params(
 def load(
     workdir: str,
     *,
-    step: int | None = None,
+    step: int | str | None = None,
     average_last: int = 1,
     mesh: Mesh | None = None,
 ) -> Run:
-    """The model of checkpoint `step` (default: latest), or the mean of the parameters
-    of the last `average_last` checkpoints up to it, on `mesh` (default: every device of
-    every process)."""
+    """The model of checkpoint `step` (default: latest; BEST: the kept one of lowest
+    validation perplexity), or the mean of the parameters of the last `average_last`
+    checkpoints up to it, on `mesh` (default: every device of every process)."""
     mesh = mesh or sharding.make_mesh()
     config, steps, params = load_params(workdir, step=step, average_last=average_last, mesh=mesh)
     return Run(config=config, model=build(config, mesh, params), steps=steps, mesh=mesh)

@@ -186,8 +186,7 @@ def run():
     flags.DEFINE_string('target', None, 'Target sentences (or LM text) to score, one per line.')
     flags.DEFINE_string('split', None, "Score this split of the run's dataset instead.")
     flags.DEFINE_string('out', None, 'JSON lines output file (default: stdout).')
-    flags.DEFINE_integer('average_last', 1, 'Average the parameters of the last K checkpoints.')
-    flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+    cli.define_checkpoint_flags()
     distributed.define_flags()
     cli.run(main)
 

@@ -282,7 +282,8 @@ def _reporter(config, cfg, workdir: str, start: int) -> _Reporter:
 
 def _loop(config, data, train_iter, mesh, ckpt, steps: step_lib.Setup, state, reporter) -> Outcome:
     """Steps from state.step to config.total_steps: logs, evaluates and checkpoints on the
-    config's schedule, and saves and stops at a preemption or Ctrl-C."""
+    config's schedule (a checkpoint of an evaluated step carries its validation metrics),
+    and saves and stops at a preemption or Ctrl-C."""
     preemption = _Preemption(ckpt)
     outcome = Outcome(step=int(state.step), validation={})
     try:
@@ -302,7 +303,8 @@ def _loop(config, data, train_iter, mesh, ckpt, steps: step_lib.Setup, state, re
                 outcome.preempted = True
                 logging.warning('Stopped at step %d; run the same command to resume.', step)
                 break
-            if last or step % config.eval_every_steps == 0:
+            evaluated = last or step % config.eval_every_steps == 0
+            if evaluated:
                 outcome.validation = step_lib.evaluate_loss(
                     steps.evaluate, state.params, data.eval_batches(config), mesh
                 )
@@ -312,8 +314,9 @@ def _loop(config, data, train_iter, mesh, ckpt, steps: step_lib.Setup, state, re
                 scores = _sample_bleu(config, data, model, mesh)
                 if scores:
                     reporter.write_eval(step, config.data.eval_split, scores)
-            if save:
-                ckpt.save(step, state, train_iter, config.to_dict())
+            if save:  # the metrics rank it for the best checkpoint kept
+                metrics = outcome.validation if evaluated else None
+                ckpt.save(step, state, train_iter, config.to_dict(), metrics)
     finally:
         preemption.close()
         ckpt.wait()

@@ -3,15 +3,20 @@
     echo "Choose Format - Cells." | python -m attn.translate --workdir=runs/l10n
     python -m attn.translate --workdir=runs/lm --prompt="The dialog"   # language model
 
+    python -m attn.translate --workdir=runs/l10n --nbest=4 < lines.txt   # JSON lines
+
 Lines are translated in batches. An empty line gives an empty line. A line longer than
 --max_input_tokens (default: the config's training length, data.max_length) is cut to
 that many tokens, with a warning on stderr naming the line. Input that is not UTF-8
 stops with an error naming the line. With a language-model checkpoint each line (or
---prompt) is a prompt, continued by sampling.
+--prompt) is a prompt, continued by sampling. With --nbest=K each line gives one JSON
+object: the source and its K best finished beam hypotheses, best first, each with its
+translation, its ranking score (log-probability / length penalty) and its log-probability.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterable, Iterator
 
@@ -66,41 +71,64 @@ def translate_lines(
     beam_size: int,
     alpha: float,
     max_input_tokens: int,
+    nbest: int = 0,
 ) -> Iterator[str]:
-    """Translations in input order; empty lines stay empty."""
+    """Translations in input order; empty lines stay empty. With `nbest` K, one JSON
+    object per line instead: {"source", "nbest": [K x {"translation", "score",
+    "logprob"}]} (an empty line lists none)."""
+    settings = {
+        'beam_size': beam_size,
+        'alpha': alpha,
+        'max_input_tokens': max_input_tokens,
+        'nbest': nbest,
+    }
     batch: list[str] = []
     first = 1
     for number, line in enumerate(lines, start=1):
         batch.append(line)
         if len(batch) == batch_size:
-            yield from _translate_batch(
-                run, tokenizer, batch, first, beam_size, alpha, max_input_tokens
-            )
+            yield from _translate_batch(run, tokenizer, batch, first, **settings)
             batch, first = [], number + 1
     if batch:
-        yield from _translate_batch(
-            run, tokenizer, batch, first, beam_size, alpha, max_input_tokens
-        )
+        yield from _translate_batch(run, tokenizer, batch, first, **settings)
 
 
-def _translate_batch(run, tokenizer, lines, first_line, beam_size, alpha, max_input_tokens):
+def nbest_list(tokenizer, hypotheses: decode.Hypotheses, row: int) -> list[dict]:
+    """Sentence `row`'s hypotheses, best first, as {"translation", "score", "logprob"};
+    slots the search never filled (scores -inf) are left out."""
+    return [
+        {'translation': tokenizer.decode(tokens), 'score': float(score), 'logprob': float(lp)}
+        for tokens, score, lp in zip(*(x[row] for x in hypotheses), strict=True)
+        if np.isfinite(score)
+    ]
+
+
+def _translate_batch(
+    run, tokenizer, lines, first_line, *, beam_size, alpha, max_input_tokens, nbest
+):
     todo = [i for i, line in enumerate(lines) if line.strip()]
-    out = [''] * len(lines)
+    out = [''] * len(lines) if not nbest else [_nbest_line(line, []) for line in lines]
     if todo:
         inputs = encode_batch([lines[i] for i in todo], tokenizer, max_input_tokens, first_line)
-        tokens = np.asarray(
-            decode.translate(
-                run.model,
-                inputs,
-                beam_size=beam_size,
-                alpha=alpha,
-                max_extra_length=run.config.decode.max_extra_length,
-                mesh=run.mesh,
-            )
+        found = decode.translate(
+            run.model,
+            inputs,
+            beam_size=beam_size,
+            alpha=alpha,
+            max_extra_length=run.config.decode.max_extra_length,
+            mesh=run.mesh,
+            nbest=nbest,
         )
-        for i, row in zip(todo, tokens, strict=True):
-            out[i] = tokenizer.decode(row)
+        for row, i in enumerate(todo):
+            if nbest:
+                out[i] = _nbest_line(lines[i], nbest_list(tokenizer, found, row))
+            else:
+                out[i] = tokenizer.decode(found[row])
     return out
+
+
+def _nbest_line(source: str, hypotheses: list[dict]) -> str:
+    return json.dumps({'source': source, 'nbest': hypotheses}, ensure_ascii=False)
 
 
 def continue_prompts(run, tokenizer, prompts: list[str], *, max_new_tokens: int, **sampling):
@@ -121,7 +149,11 @@ def main(argv):
     del argv
     FLAGS = flags.FLAGS
     workdir = cli.workdir()
-    run = restore.load(workdir, average_last=FLAGS.average_last)
+    run = restore.load(workdir, step=FLAGS.step, average_last=FLAGS.average_last)
+    beam_size = FLAGS.beam_size or run.config.decode.beam_size
+    if run.config.model_kind == 'lm' and FLAGS.nbest:
+        raise UserError('--nbest lists translations; a language model samples (drop --nbest).')
+    decode.check_nbest(FLAGS.nbest, beam_size)
     tokenizer = datasets.load(run.config, ['train']).tokenizer
     if run.config.model_kind == 'lm':
         prompts = [FLAGS.prompt] if FLAGS.prompt is not None else list(read_lines(sys.stdin.buffer))
@@ -141,9 +173,10 @@ def main(argv):
             tokenizer,
             read_lines(sys.stdin.buffer),
             batch_size=FLAGS.batch_size,
-            beam_size=FLAGS.beam_size or run.config.decode.beam_size,
+            beam_size=beam_size,
             alpha=run.config.decode.alpha if FLAGS.alpha is None else FLAGS.alpha,
             max_input_tokens=FLAGS.max_input_tokens or run.config.data.max_length,
+            nbest=FLAGS.nbest,
         )
     for line in outputs:
         sys.stdout.write(line + '\n')
@@ -152,10 +185,13 @@ def main(argv):
 
 def run():
     flags.DEFINE_string('workdir', None, 'Workdir of a trained run.')
-    flags.DEFINE_integer('average_last', 1, 'Average the parameters of the last K checkpoints.')
+    cli.define_checkpoint_flags()
     flags.DEFINE_integer('batch_size', 32, 'Lines translated together.')
     flags.DEFINE_integer('beam_size', None, "Beam size (default: the config's); 1 = greedy.")
     flags.DEFINE_float('alpha', None, "Length penalty (default: the config's).")
+    flags.DEFINE_integer(
+        'nbest', 0, 'Write the K best beam hypotheses per line as JSON (K <= --beam_size).'
+    )
     flags.DEFINE_integer(
         'max_input_tokens', None, 'Longer lines are cut (default: data.max_length).'
     )

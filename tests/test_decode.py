@@ -153,6 +153,7 @@ def test_early_stop_criterion_by_hand():
             cache=None,
             finished_seqs=None,
             finished_scores=jnp.array([finished]),
+            finished_logprobs=None,
         )
         return bool(decode._beams_done(beams, jnp.array([limit]), 0.6)[0])
 
@@ -247,7 +248,7 @@ def test_beam_search_equals_exhaustive_enumeration():
     live prefix, so the search is exact and its 27 finished hypotheses are the true top 27."""
     model = tiny(vocab_size=6, seed=6)
     inputs = np.array([[4, 5, 3], [5, 3, 0]], np.int32)  # limits 3 + 1 and 2 + 1
-    tokens, scores = decode.beam_search(
+    tokens, scores, _ = decode.beam_search(
         model, inputs, beam_size=27, max_extra_length=1, return_all=True
     )
     for row, limit in enumerate([4, 3]):
@@ -258,15 +259,18 @@ def test_beam_search_equals_exhaustive_enumeration():
 
 
 def test_beam_scores_are_full_forward_logprobs_over_length_penalty(model):
-    tokens, scores = decode.beam_search(model, INPUTS, max_extra_length=5, return_all=True)
+    tokens, scores, logprobs = decode.beam_search(
+        model, INPUTS, max_extra_length=5, return_all=True
+    )
     tokens, scores = np.asarray(tokens), np.asarray(scores)  # [B, K, L], [B, K]
     assert np.isfinite(scores).all() and np.all(np.diff(scores, axis=1) <= 0)  # best first
     check_well_formed(tokens, np.repeat(LIMITS, 4))
     assert all(len({tuple(row) for row in beams}) == 4 for beams in tokens)  # distinct
     assert len(set(lengths(tokens).ravel())) > 2  # ended at several lengths
     for k in range(4):
-        want = full_logprobs(model, INPUTS, tokens[:, k]).sum(-1) / lp(lengths(tokens[:, k]))
-        np.testing.assert_allclose(scores[:, k], want, atol=1e-4)
+        logprob = full_logprobs(model, INPUTS, tokens[:, k]).sum(-1)
+        np.testing.assert_allclose(np.asarray(logprobs)[:, k], logprob, atol=1e-4)
+        np.testing.assert_allclose(scores[:, k], logprob / lp(lengths(tokens[:, k])), atol=1e-4)
 
 
 def test_beam_size_one_without_length_penalty_is_greedy(model):
@@ -339,3 +343,17 @@ def test_translate_pads_batches_without_changing_results(model, beam_size):
         return np.pad(x, ((0, 0), (0, width - x.shape[1])))
 
     np.testing.assert_array_equal(widen(padded), widen(direct))
+
+
+def test_translate_nbest_lists_the_beam_best_first_with_the_one_best_first(model):
+    """--nbest=K: the first of the K is translate's 1-best output (the same padding), the
+    scores fall, and a list longer than the beam is refused."""
+    best = decode.translate(model, INPUTS, beam_size=4, max_extra_length=5)
+    nbest = decode.translate(model, INPUTS, beam_size=4, max_extra_length=5, nbest=3)
+    assert nbest.tokens.shape[:2] == (3, 3) and nbest.logprobs.shape == (3, 3)
+    np.testing.assert_array_equal(nbest.tokens[:, 0], best)
+    assert np.all(np.diff(nbest.scores, axis=1) <= 0) and np.isfinite(nbest.scores).all()
+    assert all(len({tuple(row) for row in beams}) == 3 for beams in nbest.tokens)
+    for bad in ({'beam_size': 4, 'nbest': 5}, {'beam_size': 1, 'nbest': 1}):
+        with pytest.raises(decode.SearchError, match='--beam_size >='):
+            decode.translate(model, INPUTS, max_extra_length=5, **bad)

@@ -25,7 +25,7 @@ def test_evaluate_scores_the_averaged_models_translations_against_the_target_sid
     run = restore.load(workdir, average_last=2)
     alpha = run.config.decode.alpha
     test = data.splits['test']
-    hypotheses, generated = evaluate.translate_split(
+    hypotheses, generated, _ = evaluate.translate_split(
         run.model, run.config, data, 'test', beam_size=2, alpha=alpha, mesh=run.mesh
     )
     # Each example's German side replaced by its translation.
@@ -51,7 +51,7 @@ def test_evaluate_scores_the_averaged_models_translations_against_the_target_sid
 def test_every_example_is_translated_in_order(trained):
     workdir, data = trained
     run = restore.load(workdir)
-    hypotheses, generated = evaluate.translate_split(
+    hypotheses, generated, _ = evaluate.translate_split(
         run.model, run.config, data, 'test', beam_size=1, alpha=0.6, mesh=run.mesh
     )
     assert len(hypotheses) == len(data.splits['test']) and generated >= len(hypotheses)
@@ -120,3 +120,33 @@ def test_language_model_prompts_are_continued(tmp_path):
     first = sampled(0)
     assert [out.startswith(p) for out, p in zip(first, prompts, strict=True)] == [True, True]
     assert sampled(0) == first
+
+
+def test_nbest_lists_start_with_the_one_best_and_fall(trained):
+    """evaluate --nbest=3 writes every example's 3 best hypotheses, the first being the
+    reported translation; translate --nbest=2 gives one JSON object per line, empty lines
+    included; a list longer than the beam is refused before any work."""
+    workdir, data = trained
+    report = evaluate.evaluate(workdir, split='test', beam_size=3, nbest=3, data=data)
+    with open(os.path.join(workdir, report['nbest']['file']), encoding='utf-8') as f:
+        lists = [json.loads(line) for line in f]
+    run = restore.load(workdir)
+    best, _, _ = evaluate.translate_split(
+        run.model, run.config, data, 'test', beam_size=3, alpha=0.6, mesh=run.mesh
+    )
+    assert [x['index'] for x in lists] == list(range(len(data.splits['test'])))
+    assert [x['nbest'][0]['translation'] for x in lists] == best
+    for entry in lists:
+        scores = [h['score'] for h in entry['nbest']]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+        assert all(h['logprob'] <= h['score'] <= 0 for h in entry['nbest'])  # lp(Y) >= 1
+    lines = [data.splits['test'][0]['en'].decode(), '']
+    settings = {'batch_size': 4, 'beam_size': 3, 'alpha': 0.6, 'max_input_tokens': 64}
+    out = [
+        json.loads(x)
+        for x in translate.translate_lines(run, data.tokenizer, lines, nbest=2, **settings)
+    ]
+    assert [x['source'] for x in out] == lines and out[1]['nbest'] == []
+    assert out[0]['nbest'][0]['translation'] == best[0] and len(out[0]['nbest']) == 2
+    with pytest.raises(UserError, match='--beam_size >= 5'):
+        evaluate.evaluate(workdir, split='test', beam_size=4, nbest=5, data=data)

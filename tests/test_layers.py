@@ -122,8 +122,8 @@ def test_kv_cache_guards():
     with pytest.raises(ValueError, match=r'attend_to_source needs init_cross_cache\('):
         mha.attend_to_source(jnp.ones((1, 1, 8)))
     mha.init_cache(1, 4)
-    with pytest.raises(ValueError, match='one position per call, got 2'):
-        mha.append_and_attend(jnp.ones((1, 2, 8)))
+    with pytest.raises(ValueError, match='5 positions do not fit a cache of 4'):
+        mha.append_and_attend(jnp.ones((1, 5, 8)))
     assert int(mha.cache_index[...]) == 0
     mha.append_and_attend(jnp.ones((1, 1, 8)))
     assert int(mha.cache_index[...]) == 1

@@ -176,7 +176,7 @@ def test_periodic_bleu_scores_that_steps_model_on_a_sample(toy_data, tmp_path, m
     for step, (hypotheses, references) in zip((3, 6), scored, strict=True):
         assert references == [example['de'].decode() for example in sample]
         run = restore.load(str(tmp_path), step=step)
-        expected, _ = evaluate.translate_split(
+        expected, _, _ = evaluate.translate_split(
             run.model, config, subset, 'validation', beam_size=4, alpha=0.6, mesh=run.mesh
         )
         assert hypotheses == expected

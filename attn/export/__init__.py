@@ -79,12 +79,13 @@ def main(argv):
     check_out(FLAGS.out)
     ckpt = restore.open_checkpoints(workdir)
     try:
-        steps = restore.select_steps(ckpt.all_steps(), FLAGS.step, FLAGS.average_last)
+        step = restore.resolve_step(ckpt, FLAGS.step)
+        steps = restore.select_steps(ckpt.all_steps(), step, FLAGS.average_last)
         # Refused before any weights are restored (export checks the rest again).
         check_exportable(config_dict.ConfigDict(ckpt.restore_config(steps[-1])))
     finally:
         ckpt.close()
-    run = restore.load(workdir, step=FLAGS.step, average_last=FLAGS.average_last)
+    run = restore.load(workdir, step=step, average_last=FLAGS.average_last)
     tokenizer = datasets.load(run.config, ['train']).tokenizer
     for directory in export(
         run,
@@ -102,6 +103,5 @@ def run():
     flags.DEFINE_string('out', None, 'New directory to write (both: OUT/hf and OUT/ct2).')
     flags.DEFINE_enum('format', 'hf', FORMATS, 'hf: MarianMT; ct2: CTranslate2; both.')
     flags.DEFINE_enum('quantization', 'none', QUANTIZATIONS, 'CTranslate2 weight type.')
-    flags.DEFINE_integer('average_last', 1, 'Average the parameters of the last K checkpoints.')
-    flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+    cli.define_checkpoint_flags()
     cli.run(main)

@@ -191,34 +191,60 @@ def _gib(value: int | None) -> float | None:
     return None if value is None else round(value / 2**30, 3)
 
 
-def measure_decode(config) -> dict:
+def decode_model(config, vocab: int):
+    """A randomly initialised Transformer of `config`'s sizes at vocabulary `vocab`, without
+    dropout: the model every decode measurement searches with."""
     cfg = dataclasses.replace(
-        configuration.model_config(config), vocab_size=_VOCAB.value, dropout_rate=0.0
+        configuration.model_config(config), vocab_size=vocab, dropout_rate=0.0
     )
     if config.model_kind != 'transformer':
         raise UserError('--what=decode measures the beam search of a translation model.')
-    model = build_model(config.model_kind, cfg, config.seed)
-    rows = _DECODE_BATCH.value
-    inputs = synthetic_batch('transformer', rows, SOURCE_LENGTH, _VOCAB.value)['inputs']
+    return build_model(config.model_kind, cfg, config.seed)
+
+
+def decode_inputs(rows: int, vocab: int, length: int = SOURCE_LENGTH) -> np.ndarray:
+    """[rows, length] fixed random source ids, each row ending in EOS (no padding)."""
+    inputs = synthetic_batch('transformer', rows, length, vocab)['inputs']
     inputs[:, -1] = EOS_ID
+    return inputs
+
+
+def search(
+    model, inputs, *, beam_size: int, max_extra_length: int, min_length: int, alpha: float = 0.6
+) -> np.ndarray:
+    """attn's greedy (beam_size 1) or beam search of `inputs`, waited for: [B, L] ids."""
+    if beam_size == 1:
+        out = decode.greedy_search(
+            model, inputs, max_extra_length=max_extra_length, min_length=min_length
+        )
+    else:
+        out, _ = decode.beam_search(
+            model,
+            inputs,
+            beam_size=beam_size,
+            alpha=alpha,
+            max_extra_length=max_extra_length,
+            min_length=min_length,
+        )
+    return np.asarray(jax.block_until_ready(out))
+
+
+def measure_decode(config) -> dict:
+    model = decode_model(config, _VOCAB.value)
+    rows = _DECODE_BATCH.value
+    inputs = decode_inputs(rows, _VOCAB.value)
     extra = TARGET_LENGTH - SOURCE_LENGTH + 1  # room for exactly TARGET_LENGTH tokens
 
     last = {}
 
     def run() -> None:
-        if _BEAM.value == 1:
-            out = decode.greedy_search(
-                model, inputs, max_extra_length=extra, min_length=TARGET_LENGTH
-            )
-        else:
-            out, _ = decode.beam_search(
-                model,
-                inputs,
-                beam_size=_BEAM.value,
-                max_extra_length=extra,
-                min_length=TARGET_LENGTH,
-            )
-        last['out'] = np.asarray(jax.block_until_ready(out))
+        last['out'] = search(
+            model,
+            inputs,
+            beam_size=_BEAM.value,
+            max_extra_length=extra,
+            min_length=TARGET_LENGTH,
+        )
 
     first = _times(run, 1)[0]  # compiles
     times = _times(run, _RUNS.value)
