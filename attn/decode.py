@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from attn import distributed, layers, sharding
+from attn import distributed, layers, sharding, xla
 from attn.errors import UserError
 from attn.model import LanguageModel, Transformer
 from attn.tokens import BOS_ID, EOS_ID, PAD_ID
@@ -308,7 +308,7 @@ def _beam_step(beams: _Beams, step: Step, limits: jax.Array, alpha, min_length) 
     )
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=('beam_size', 'max_extra_length'))
+@xla.jit(static_argnums=0, static_argnames=('beam_size', 'max_extra_length'))
 def _beam_search(graphdef, state, inputs, alpha, min_length, *, beam_size, max_extra_length):
     B, S = inputs.shape
     K, L = beam_size, S + max_extra_length

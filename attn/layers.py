@@ -112,7 +112,11 @@ class MultiHeadAttention(nnx.Module):
                 query, key, value, mask, implementation=self.implementation, **kwargs
             )  # [B, T, N, H]
         out = out * self.head_mask[...].astype(self.dtype)[:, None]  # gate each head
-        return jnp.einsum('BTNH,NHD->BTD', out, self.out[...].astype(self.dtype))  # [B, T, D]
+        # Concat(heads) W^O as one [B, T, N*H] x [N*H, D] product: written as an einsum over
+        # (N, H), XLA:CPU copied W^O into another layout at every decoding step.
+        B, T, N, H = out.shape
+        out = out.reshape(B, T, N * H)
+        return out @ self.out[...].astype(self.dtype).reshape(N * H, -1)  # [B, T, D]
 
     # -------------------------------------------------------------- full attention
 
