@@ -77,6 +77,9 @@ def _start(graphdef, state, inputs, *, batch_size: int, copies: int, length: int
     )
     repeat = functools.partial(jnp.repeat, repeats=copies, axis=0)
     self_cache, source_cache = _map_rows(repeat, self_cache), _map_rows(repeat, source_cache)
+    # Fixes the source caches' layout before the loop: without the barrier XLA:CPU carried
+    # them untransposed and transposed every layer's keys/values again at every step.
+    source_cache = jax.lax.optimization_barrier(source_cache)
     rows = batch_size * copies
 
     def step(cache, tokens, t):

@@ -1,6 +1,7 @@
 """Prompt prefill: the prompt's keys/values written in one parallel pass == fed one step at a
 time, against the token-by-token path and the full (uncached) forward pass."""
 
+import dataclasses
 import functools
 
 import jax
@@ -10,23 +11,13 @@ import pytest
 from flax import nnx
 
 from attn import attention, decode, layers
-from attn.configuration import ModelConfig
 from attn.model import LanguageModel, shift_right
 from attn.tokens import BOS_ID, PAD_ID
+from tests import test_decode
 
-# Untied output, strong learned positions and 32 tokens: a random tiny model whose greedy
-# outputs change from token to token, so that a wrong cache would show in the tokens.
-TINY = ModelConfig(
-    vocab_size=32,
-    num_layers=2,
-    emb_dim=16,
-    num_heads=2,
-    mlp_dim=32,
-    dropout_rate=0.0,
-    positions='learned',
-    max_len=32,
-    tie_output=False,
-)
+# test_decode's tiny model (untied output, strong learned positions) with 32 tokens: its
+# greedy outputs change from token to token, so that a wrong cache would show in the tokens.
+TINY = dataclasses.replace(test_decode.TINY, vocab_size=32)
 TOL = 1e-5  # float32 logits: a prefill and single steps sum the same terms in other orders
 
 # Teacher-forced targets; each row's prompt is its first prompt_lengths[b] tokens.
