@@ -98,6 +98,7 @@ def train(model, config) -> tuple[nnx.Module, dict]:
         state, metrics = train_step(
             state, sharding.global_batch(mesh, answer_only(batch['targets'])), rng
         )
+        jax.block_until_ready(metrics)  # queued steps can hang XLA:CPU (train._Reporter.add)
         if step % LOG_EVERY == 0 or step == config.steps:
             losses.append((step, float(metrics['loss'])))
     info = {'train_seconds': time.perf_counter() - start, 'losses': losses}
