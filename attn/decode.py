@@ -297,7 +297,8 @@ def _beam_step(beams: _Beams, step: Step, limits: jax.Array, alpha, min_length) 
     scores = jnp.where(ended, top_logprobs / length_penalty(beams.t + 1, alpha), NEG_INF)
     all_scores = jnp.concatenate([beams.finished_scores, scores], axis=1)  # [B, 3K]
     all_seqs = jnp.concatenate([beams.finished_seqs, seqs], axis=1)  # [B, 3K, L]
-    all_logprobs = jnp.concatenate([beams.finished_logprobs, top_logprobs], axis=1)  # [B, 3K]
+    logprobs_if_ended = jnp.where(ended, top_logprobs, NEG_INF)  # [B, 2K], as the scores
+    all_logprobs = jnp.concatenate([beams.finished_logprobs, logprobs_if_ended], axis=1)
     finished_scores, best = jax.lax.top_k(all_scores, K)  # [B, K]
     return _Beams(
         t=beams.t + 1,

@@ -119,7 +119,7 @@ def evaluate(
     *,
     split: str = 'test',
     average_last: int = 1,
-    step: int | None = None,
+    step: int | str | None = None,
     beam_size: int | None = None,
     alpha: float | None = None,
     data: datasets.Data | None = None,
@@ -184,33 +184,38 @@ def evaluate(
     return report
 
 
-def write_nbest(workdir: str, examples, source_feature: str, lists, name: str) -> None:
+def write_nbest(workdir: str, examples, source_feature: str, lists, name: str) -> str | None:
     """W/eval/<name>.nbest.jsonl: per example, in order, {"index", "source", "nbest"}."""
-    path = os.path.join(workdir, 'eval', f'{name}.nbest.jsonl')
-    try:
-        with open(path, 'w', encoding='utf-8') as f:
-            for index, hypotheses in enumerate(lists):
-                source = text(examples[index][source_feature])
-                line = {'index': index, 'source': source, 'nbest': hypotheses}
-                f.write(json.dumps(line, ensure_ascii=False) + '\n')
-    except OSError as error:
-        logging.warning('Cannot write the n-best lists to %s (%s).', path, error)
-        with contextlib.suppress(OSError):
-            os.remove(path)
+    lines = (
+        json.dumps(
+            {'index': i, 'source': text(examples[i][source_feature]), 'nbest': hypotheses},
+            ensure_ascii=False,
+        )
+        + '\n'
+        for i, hypotheses in enumerate(lists)
+    )
+    return _write_eval_file(workdir, f'{name}.nbest.jsonl', ''.join(lines), 'the n-best lists')
 
 
 def write_report(workdir: str, report: dict, name: str) -> str | None:
     """Writes W/eval/<name>.json; its path, or None (after a warning naming it) when it
     cannot be written: the report is printed all the same."""
-    path = os.path.join(workdir, 'eval', f'{name}.json')
+    content = json.dumps(report, indent=1, ensure_ascii=False)
+    return _write_eval_file(workdir, f'{name}.json', content, 'the report')
+
+
+def _write_eval_file(workdir: str, filename: str, content: str, what: str) -> str | None:
+    """Writes W/eval/<filename>; its path, or None after a warning naming it. A file left
+    half-written (a full disk) is removed: it would read as a result."""
+    path = os.path.join(workdir, 'eval', filename)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, 'w', encoding='utf-8') as f:
-            json.dump(report, f, indent=1, ensure_ascii=False)
+            f.write(content)
     except OSError as error:
-        logging.warning('Cannot write the report to %s (%s); printing it only.', path, error)
+        logging.warning('Cannot write %s to %s (%s); the report is printed.', what, path, error)
         with contextlib.suppress(OSError):
-            os.remove(path)  # a half-written report (a full disk) would read as a result
+            os.remove(path)
         return None
     return path
 
