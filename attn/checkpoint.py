@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from typing import Any
 
 import grain
@@ -341,14 +342,35 @@ class Checkpointer:
         try:
             yield
         except Exception as error:  # noqa: BLE001 - Orbax raises whatever its writers raised
-            partial = sorted(p for p in self.directory.glob('*') if 'tmp' in p.name)
-            for path in partial:
-                shutil.rmtree(path, ignore_errors=True)
+            partial = self._remove_partial()
             failed = ', '.join(p.name.split('.')[0] for p in partial) or 'a checkpoint'
             raise CheckpointError(
                 f'{_save_failure(error)}: saving checkpoint {failed} in {self.directory} '
                 f'failed (its partial files are removed). {self._intact()}'
             ) from error
+
+    def _remove_partial(self) -> list[epath.Path]:
+        """Removes what a failed save left half-written (its `*tmp*` directories), once the
+        save's other writer threads have stopped: one still running when the first failed
+        could write into a directory again after it was removed (freed space lets it), so
+        removal repeats until none is seen for a moment. Returns the first ones found."""
+        with contextlib.suppress(Exception):  # the same failure, raised again
+            self.manager.wait_until_finished()
+        first = sorted(p for p in self.directory.glob('*') if 'tmp' in p.name)
+        quiet_since = None
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            partial = [p for p in self.directory.glob('*') if 'tmp' in p.name]
+            for path in partial:
+                shutil.rmtree(path, ignore_errors=True)
+            if partial:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > 0.2:
+                break
+            time.sleep(0.05)
+        return first
 
 
 @contextlib.contextmanager

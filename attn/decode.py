@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from attn import distributed, layers, sharding, xla
+from attn import distributed, layers, sharding
 from attn.errors import UserError
 from attn.model import LanguageModel, Transformer
 from attn.tokens import BOS_ID, EOS_ID, PAD_ID
@@ -44,9 +44,12 @@ Step = Callable[[nnx.State, jax.Array, jax.Array], tuple[jax.Array, nnx.State]]
 # ------------------------------------------------------------------------ step function
 
 
-def _map_rows(fn, tree):
-    """Applies `fn` to every cache array with a batch axis (not the scalar cache index)."""
-    return jax.tree.map(lambda x: x if x.ndim == 0 else fn(x), tree)
+def _follow_parents(cache: nnx.State, rows: jax.Array) -> nnx.State:
+    """Reorders the caches' rows to the new beams (row i continues row `rows[i]`): only the
+    slot tables move (`layers.BeamSlots`); the keys/values stay where they were written."""
+    slots, rest = nnx.split_state(cache, layers.BeamSlots, ...)
+    slots = jax.tree.map(lambda x: jnp.take(x, rows, axis=0, mode='clip'), slots)
+    return nnx.merge_state(rest, slots)
 
 
 def _start(graphdef, state, inputs, *, batch_size: int, copies: int, length: int):
@@ -56,7 +59,7 @@ def _start(graphdef, state, inputs, *, batch_size: int, copies: int, length: int
       graphdef, state: `nnx.split(model)` of a Transformer or LanguageModel.
       inputs: [B, S] source ids, or None for a LanguageModel.
       batch_size: B.
-      copies: rows per sentence (the beam size K); caches and source are repeated.
+      copies: rows per sentence (the beam size K), sentence-major.
       length: L, positions in each self-attention cache.
     Returns:
       (step, self_cache): `step(self_cache, tokens [R], t) -> (logits [R, V] float32,
@@ -66,17 +69,14 @@ def _start(graphdef, state, inputs, *, batch_size: int, copies: int, length: int
     model = nnx.merge(graphdef, state)
     if inputs is not None:
         encoded = model.encode(inputs)  # [B, S, D], once per batch
-        model.decoder.init_cache(batch_size, length, encoded=encoded)
-        source = jnp.repeat(inputs, copies, axis=0)  # [R, S], gives the source padding
+        model.decoder.init_cache(batch_size, length, encoded=encoded, beams=copies)
     else:
-        model.decoder.init_cache(batch_size, length)
-    # Self-attention caches grow by one position per step and follow their hypothesis when
-    # beams are reordered; the source's keys/values are constant.
+        model.decoder.init_cache(batch_size, length, beams=copies)
+    # Self-attention caches grow by one position per step (a beam search reorders their
+    # `layers.BeamSlots`); the source's keys/values are constant.
     step_def, self_cache, source_cache, rest = nnx.split(
         model, layers.DecodeCache, layers.SourceCache, ...
     )
-    repeat = functools.partial(jnp.repeat, repeats=copies, axis=0)
-    self_cache, source_cache = _map_rows(repeat, self_cache), _map_rows(repeat, source_cache)
     # Fixes the source caches' layout before the loop: without the barrier XLA:CPU carried
     # them untransposed and transposed every layer's keys/values again at every step.
     source_cache = jax.lax.optimization_barrier(source_cache)
@@ -90,7 +90,7 @@ def _start(graphdef, state, inputs, *, batch_size: int, copies: int, length: int
         if inputs is None:
             logits = m.decode_step(ids, positions=positions)  # [R, T, V]
         else:
-            logits = m.decode_step(ids, positions=positions, inputs=source)
+            logits = m.decode_step(ids, positions=positions, inputs=inputs)
         logits = logits.astype(jnp.float32).reshape(*tokens.shape, -1)  # [R, V] or [R, T, V]
         return logits, nnx.state(m, layers.DecodeCache)
 
@@ -262,17 +262,51 @@ def _beams_done(beams: _Beams, limits: jax.Array, alpha) -> jax.Array:
     return worst_finished >= best_live / largest_lp
 
 
-def _candidates(beams: _Beams, logprobs: jax.Array):
+# Vocabulary entries per block of `_candidates`' search.
+_BLOCK = 128
+
+
+def _candidates(beams: _Beams, logits: jax.Array, log_norm: jax.Array):
     """The 2K best one-token extensions of the K live hypotheses of each sentence.
 
     2K of them leave at least K that have not ended, however many end in EOS (at most
-    one per parent). Args: logprobs [B, K, V]. Returns ([B, 2K] summed log-probs,
-    [B, 2K] parent beam, [B, 2K] token).
+    one per parent). An extension's total is the hypothesis' log-prob + (logit - log_norm),
+    the token's log-softmax; the totals over K x V are never written out. The search runs
+    by blocks of `_BLOCK` vocabulary entries: totals are monotonic in the logit, so a
+    block's best total is its largest logit's, and the 2K best totals lie in the 2K blocks
+    with the best block totals (any other block has 2K better entries ahead of it, one in
+    each of those, ties going to the lower index as in `jax.lax.top_k`). Only those are
+    searched entry by entry. Exact, and on CPU ~4x cheaper than a log-softmax and a top-k
+    over K x V (the base model's vocabulary step).
+
+    Args:
+      logits: [B, K, V] float32, masked entries -inf.
+      log_norm: [B, K] log-sum-exp of each row's unmasked logits.
+    Returns:
+      ([B, 2K] summed log-probs, [B, 2K] parent beam, [B, 2K] token).
     """
-    B, K, V = logprobs.shape
-    totals = (beams.live_logprobs[..., None] + logprobs).reshape(B, K * V)  # [B, K*V]
-    top_logprobs, top = jax.lax.top_k(totals, min(2 * K, K * V))  # [B, 2K]
-    return top_logprobs, top // V, top % V
+    B, K, V = logits.shape
+    block = min(_BLOCK, V)
+    n = -(-V // block)  # blocks per row
+    if n * block != V:
+        logits = jnp.pad(logits, ((0, 0), (0, 0), (0, n * block - V)), constant_values=NEG_INF)
+    blocks = logits.reshape(B, K * n, block)  # block j of parent j // n
+    log_norm = jnp.repeat(log_norm, n, axis=1)  # [B, K * n]
+    live = jnp.repeat(beams.live_logprobs, n, axis=1)
+
+    def totals(x, i):  # x [B, k, block] of blocks i [B, k]: the summed log-probs
+        at = functools.partial(jnp.take_along_axis, indices=i[..., None], axis=1)
+        return (x - at(log_norm[..., None])) + at(live[..., None])
+
+    every = jnp.broadcast_to(jnp.arange(K * n), (B, K * n))
+    block_best = totals(blocks.max(axis=2, keepdims=True), every)[..., 0]  # [B, K * n]
+    _, chosen = jax.lax.top_k(block_best, min(2 * K, K * n))  # [B, 2K]
+    chosen = jnp.sort(chosen, axis=1)  # in index order, so that ties go to the lower index
+    picked = totals(jnp.take_along_axis(blocks, chosen[..., None], axis=1), chosen)
+    top_logprobs, top = jax.lax.top_k(picked.reshape(B, -1), min(2 * K, K * V))  # [B, 2K]
+    flat = jnp.take_along_axis(chosen, top // block, axis=1)  # the block of each
+    tokens = jnp.minimum((flat % n) * block + top % block, V - 1)  # padding only when dead
+    return top_logprobs, flat // n, tokens
 
 
 def _beam_step(beams: _Beams, step: Step, limits: jax.Array, alpha, min_length) -> _Beams:
@@ -280,9 +314,9 @@ def _beam_step(beams: _Beams, step: Step, limits: jax.Array, alpha, min_length) 
     B, K, L = beams.live_seqs.shape
     logits, cache = step(beams.cache, beams.last.reshape(B * K), beams.t)  # [R, V]
     # Scores are the model's log-probs; masked tokens are only taken out of the running.
-    logprobs = jax.nn.log_softmax(logits).reshape(B, K, -1)  # [B, K, V]
-    logprobs = _mask_tokens(logprobs, beams.t < min_length)
-    top_logprobs, parents, tokens = _candidates(beams, logprobs)  # [B, 2K] each
+    log_norm = jax.nn.logsumexp(logits, axis=-1).reshape(B, K)
+    logits = _mask_tokens(logits, beams.t < min_length).reshape(B, K, -1)  # [B, K, V]
+    top_logprobs, parents, tokens = _candidates(beams, logits, log_norm)  # [B, 2K] each
     seqs = jnp.take_along_axis(beams.live_seqs, parents[..., None], axis=1)  # [B, 2K, L]
     seqs = jax.lax.dynamic_update_index_in_dim(seqs, tokens, beams.t, axis=2)
     # A hypothesis ends with EOS or at its sentence's length limit; ended ones are never
@@ -292,7 +326,7 @@ def _beam_step(beams: _Beams, step: Step, limits: jax.Array, alpha, min_length) 
     live_logprobs, keep = jax.lax.top_k(jnp.where(ended, NEG_INF, top_logprobs), K)  # [B, K]
     keep_parents = jnp.take_along_axis(parents, keep, axis=1)  # [B, K]
     rows = (jnp.arange(B)[:, None] * K + keep_parents).reshape(B * K)  # [R]
-    cache = _map_rows(lambda x: jnp.take(x, rows, axis=0, mode='clip'), cache)  # follow parents
+    cache = _follow_parents(cache, rows)
 
     scores = jnp.where(ended, top_logprobs / length_penalty(beams.t + 1, alpha), NEG_INF)
     all_scores = jnp.concatenate([beams.finished_scores, scores], axis=1)  # [B, 3K]
@@ -312,7 +346,7 @@ def _beam_step(beams: _Beams, step: Step, limits: jax.Array, alpha, min_length) 
     )
 
 
-@xla.jit(static_argnums=0, static_argnames=('beam_size', 'max_extra_length'))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=('beam_size', 'max_extra_length'))
 def _beam_search(graphdef, state, inputs, alpha, min_length, *, beam_size, max_extra_length):
     B, S = inputs.shape
     K, L = beam_size, S + max_extra_length

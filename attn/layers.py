@@ -34,6 +34,15 @@ class DecodeCache(nnx.Cache):
     """Self-attention keys/values of the positions decoded so far, and the next position."""
 
 
+class BeamSlots(DecodeCache):
+    """Beam search: the slot holding each cached position's keys/values, per hypothesis.
+
+    Keys/values are written once, into the slot of the hypothesis that fed the position,
+    and never move; when beams are reordered only this [B * beams, L] table follows its
+    hypotheses (the search's reorder), not every layer's [B, N, beams, L, *] cache.
+    """
+
+
 class SourceCache(nnx.Cache):
     """Encoder-decoder attention: the source's keys/values, projected once per batch."""
 
@@ -80,6 +89,7 @@ class MultiHeadAttention(nnx.Module):
         self.capture_weights = False
         self.cache_key: DecodeCache | None = nnx.data(None)
         self.cache_value: DecodeCache | None = nnx.data(None)
+        self.cache_slots: BeamSlots | None = nnx.data(None)
         self.cache_index: DecodeCache | None = nnx.data(None)
         self.source_key: SourceCache | None = nnx.data(None)
         self.source_value: SourceCache | None = nnx.data(None)
@@ -146,17 +156,26 @@ class MultiHeadAttention(nnx.Module):
 
     # ------------------------------------------------------------ cached decoding
 
-    def init_cache(self, batch_size: int, max_length: int) -> None:
+    def init_cache(self, batch_size: int, max_length: int, *, beams: int = 1) -> None:
         """Self-attention: an empty key/value cache, filled by `append_and_attend` calls
         (one position per decoding step, several per prefill).
 
-        Caches are stored head-major, [B, N, L, *]: writing one position and reading
-        them back then needs no relayout of the whole cache at each step on CPU.
+        Caches are stored head-major, keys [B, N, K, L * beams] and values
+        [B, N, L * beams, H], position-major with one slot per beam (entry l * beams + k is
+        position l of slot k): a step's rows R = B * beams are sentence-major (row
+        b * beams + k is beam k of sentence b) and write their keys/values into their own
+        slot, one contiguous block per step; `cache_slots` [R, L] says which slot holds
+        each position of each row's history (its own, until a beam search reorders the
+        rows). Both are the layouts of the step's products (queries x keys, probabilities
+        x values): on CPU, keys stored [..., L * beams, K] made queries x keys 3x slower.
         """
         _, N, K = self.key.shape
         H = self.value.shape[-1]
-        self.cache_key = DecodeCache(jnp.zeros((batch_size, N, max_length, K), self.dtype))
-        self.cache_value = DecodeCache(jnp.zeros((batch_size, N, max_length, H), self.dtype))
+        J = max_length * beams
+        self.cache_key = DecodeCache(jnp.zeros((batch_size, N, K, J), self.dtype))
+        self.cache_value = DecodeCache(jnp.zeros((batch_size, N, J, H), self.dtype))
+        slots = jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32)[:, None], (beams, max_length))
+        self.cache_slots = BeamSlots(jnp.tile(slots, (batch_size, 1)))  # [R, L]
         self.cache_index = DecodeCache(jnp.array(0, jnp.int32))
 
     def append_and_attend(self, inputs_q: jax.Array) -> jax.Array:
@@ -166,66 +185,97 @@ class MultiHeadAttention(nnx.Module):
         several positions in one parallel pass (a prompt's prefill). The caller keeps the
         index + T within the cache length L (the write would be clamped).
 
+        The queries of a sentence's beams attend together, to all its slots at once, each
+        masked to its own history (`cache_slots`): every cached key/value is read once per
+        sentence, not once per beam.
+
         Args:
-          inputs_q: [B, T, D], the decoder stream at positions index, ..., index + T - 1.
+          inputs_q: [R, T, D], the decoder stream at positions index, ..., index + T - 1
+            (R = B * beams rows, as in `init_cache`).
         Returns:
-          [B, T, D].
+          [R, T, D].
         """
         if self.cache_index is None:
             raise ValueError('append_and_attend needs init_cache(batch_size, max_length) first.')
-        T, L = inputs_q.shape[1], self.cache_key.shape[2]
+        R, T, D = inputs_q.shape
+        L = self.cache_slots.shape[1]
+        B, N = self.cache_key.shape[:2]
+        beams = R // B
         if T > L:
             raise ValueError(f'append_and_attend: {T} positions do not fit a cache of {L}.')
-        key, value = self._keys_values(inputs_q)  # [B, T, N, *]
+        if R != B * (self.cache_value.shape[2] // L):
+            raise ValueError(
+                f'append_and_attend: {R} rows, but the cache holds {self.cache_value.shape[2] // L}'
+                f' beams of {B} sentences.'
+            )
+        key, value = self._keys_values(inputs_q)  # [R, T, N, *]
         index = self.cache_index[...]
-        start = (0, 0, index, 0)
+
+        def block(x):  # [R, T, N, *] -> [B, N, T * beams, *]: every slot's new positions
+            x = x.reshape(B, beams, T, N, -1).transpose(0, 3, 2, 1, 4)
+            return x.reshape(B, N, T * beams, -1)
+
+        key, value = block(key), block(value)
+        at = index * beams
         self.cache_key[...] = jax.lax.dynamic_update_slice(
-            self.cache_key[...], key.transpose(0, 2, 1, 3), start
-        )  # [B, N, L, K]
+            self.cache_key[...], key.transpose(0, 1, 3, 2), (0, 0, 0, at)
+        )  # [B, N, K, L * beams]
         self.cache_value[...] = jax.lax.dynamic_update_slice(
-            self.cache_value[...], value.transpose(0, 2, 1, 3), start
-        )  # [B, N, L, H]
+            self.cache_value[...], value, (0, 0, at, 0)
+        )  # [B, N, L * beams, H]
+        own = jnp.broadcast_to(jnp.arange(R, dtype=jnp.int32)[:, None] % beams, (R, T))
+        slots = jax.lax.dynamic_update_slice(self.cache_slots[...], own, (0, index))  # [R, L]
+        self.cache_slots[...] = slots
         self.cache_index[...] = index + T
-        # Query t sits at position index + t and sees the cache up to that position.
+        # Query t of row r sits at position index + t and sees the positions up to that one,
+        # each in the slot its history holds it in.
         written = jnp.arange(L)[None, :] <= index + jnp.arange(T)[:, None]  # [T, L]
-        return self._attend(
-            self._queries(inputs_q),
-            self.cache_key[...].transpose(0, 2, 1, 3),  # [B, L, N, K]
-            self.cache_value[...].transpose(0, 2, 1, 3),  # [B, L, N, H]
-            written[None, None],  # [1, 1, T, L]
-        )
+        mine = slots[:, :, None] == jnp.arange(beams)  # [R, L, beams]
+        mask = written[None, :, :, None] & mine[:, None]  # [R, T, L, beams]
+        mask = mask.reshape(B, 1, beams * T, L * beams)  # queries and keys of a sentence
+        keys = self.cache_key[...].transpose(0, 3, 1, 2)  # [B, L * beams, N, K]
+        values = self.cache_value[...].transpose(0, 2, 1, 3)  # [B, L * beams, N, H]
+        out = self._attend(
+            self._queries(inputs_q).reshape(B, beams * T, N, -1), keys, values, mask
+        )  # [B, beams * T, D]
+        return out.reshape(R, T, D)
 
     def init_cross_cache(self, inputs_kv: jax.Array) -> None:
         """Encoder-decoder attention: the keys/values of the source `inputs_kv` [B, S, D],
         projected once for every `attend_to_source` call of this batch."""
         key, value = self._keys_values(inputs_kv)  # [B, S, N, *]
-        self.source_key = SourceCache(key.transpose(0, 2, 1, 3))  # [B, N, S, K]
+        self.source_key = SourceCache(key.transpose(0, 2, 3, 1))  # [B, N, K, S], as the cache's
         self.source_value = SourceCache(value.transpose(0, 2, 1, 3))  # [B, N, S, H]
 
     def attend_to_source(self, inputs_q: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """One decoding step of encoder-decoder attention over the cached source.
 
+        The rows may hold several beams per sentence (R = B * beams, sentence-major, B the
+        cached source's rows); a sentence's beams attend together, so the source is read
+        once per sentence.
+
         Args:
-          inputs_q: [B, T, D] decoder positions (one per step when decoding).
-          mask: [B|1, 1, T, S] bool, the source's padding.
+          inputs_q: [R, T, D] decoder positions (one per step when decoding).
+          mask: [B|1, 1, 1, S] bool, the source's padding.
         Returns:
-          [B, T, D].
+          [R, T, D].
         """
         if self.source_key is None:
             raise ValueError('attend_to_source needs init_cross_cache(encoded) first.')
-        rows = self.source_key.shape[0]
-        if inputs_q.shape[0] != rows:
+        B = self.source_key.shape[0]
+        R, T, D = inputs_q.shape
+        if R % B:
             raise ValueError(
-                f'The cached source has {rows} rows but the decoder step has '
-                f"{inputs_q.shape[0]}: init_cross_cache(encoded) with this batch's encoder "
-                'output first.'
+                f'The cached source has {B} rows but the decoder step has {R}, not a '
+                f"multiple: init_cross_cache(encoded) with this batch's encoder output first."
             )
-        return self._attend(
-            self._queries(inputs_q),
-            self.source_key[...].transpose(0, 2, 1, 3),  # [B, S, N, K]
+        out = self._attend(
+            self._queries(inputs_q).reshape(B, R // B * T, *self.query.shape[1:]),
+            self.source_key[...].transpose(0, 3, 1, 2),  # [B, S, N, K]
             self.source_value[...].transpose(0, 2, 1, 3),  # [B, S, N, H]
             mask,
-        )
+        )  # [B, beams * T, D]
+        return out.reshape(R, T, D)
 
 
 class FeedForward(nnx.Module):

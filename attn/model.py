@@ -323,11 +323,13 @@ class Decoder(nnx.Module):
             )
         return self._finish(y, project)
 
-    def init_cache(self, batch_size: int, max_length: int, *, encoded=None) -> None:
+    def init_cache(self, batch_size: int, max_length: int, *, encoded=None, beams: int = 1) -> None:
         """Caches for `decode_step`: every self-attention's keys/values (filled as positions
         are decoded) and, of a decoder with encoder-decoder attention, the keys/values
         of this batch's source `encoded` [B, S, D] (projected once here). Refusing to run
-        without `encoded` keeps another batch's source from being attended to."""
+        without `encoded` keeps another batch's source from being attended to. With
+        `beams` > 1 `decode_step` takes B * beams rows, `beams` per sentence
+        (`MultiHeadAttention.init_cache`)."""
         if self.attends_to_source and encoded is None:
             raise ValueError(
                 'Decoder.init_cache: this decoder attends to a source; pass encoded=[B, S, D], '
@@ -342,7 +344,7 @@ class Decoder(nnx.Module):
         if self.embedder.learned is not None:
             check_learned_length(self.embedder.learned, max_length, 'decoding caches')
         for layer in self.layers:
-            layer.self_attention.init_cache(batch_size, max_length)
+            layer.self_attention.init_cache(batch_size, max_length, beams=beams)
             if self.attends_to_source:
                 layer.cross_attention.init_cross_cache(encoded)
 
@@ -351,16 +353,17 @@ class Decoder(nnx.Module):
         decoding step, or a prompt's at once (a prefill; causal within the T).
 
         Args:
-          tokens: [B, T] the next inputs of each row (BOS first).
-          positions: [B, T] their positions, starting at the caches' index.
+          tokens: [R, T] the next inputs of each row (BOS first); R = B * beams
+            (`init_cache`).
+          positions: [R, T] their positions, starting at the caches' index.
           source_valid: [B, S] bool, the source's real (non-PAD) tokens (None for a
             decoder-only model).
         Returns:
-          [B, T, V] logits.
+          [R, T, V] logits.
         """
         cross_mask = None
         if source_valid is not None:
-            cross_mask = attention_lib.padding_mask(jnp.ones_like(tokens, bool), source_valid)
+            cross_mask = source_valid[:, None, None, :]  # [B, 1, 1, S]
         y = self.embedder(tokens, positions=positions, deterministic=True, rngs=None)
         for layer in self.layers:
             y = layer(y, cross_mask=cross_mask, decode=True)  # [B, T, D]

@@ -143,6 +143,45 @@ def test_cached_self_attention_equals_causal_attention():
     np.testing.assert_allclose(steps, full, atol=1e-6)
 
 
+def test_beam_slots_follow_reordered_hypotheses():
+    """With beams, each row attends to its own history after any reordering of the rows
+    (`cache_slots` taken by parent, as a beam search does): every step equals causal
+    attention over the inputs that row's hypothesis was fed, recomputed from scratch."""
+    B, K, L, D = 2, 3, 5, 8
+    mha = layers.MultiHeadAttention(D, 2, 4, 3, rngs=nnx.Rngs(11))
+    rng = np.random.default_rng(11)
+    mha.init_cache(B, L, beams=K)
+    history = [[] for _ in range(B * K)]  # per row, the inputs of its hypothesis
+    for t in range(L):
+        if t:  # every row continues a random parent of its own sentence
+            rows = (np.arange(B)[:, None] * K + rng.integers(0, K, (B, K))).reshape(-1)
+            mha.cache_slots[...] = jnp.take(mha.cache_slots[...], rows, axis=0)
+            history = [list(history[r]) for r in rows]
+        x = rng.standard_normal((B * K, 1, D)).astype(np.float32)
+        out = np.asarray(mha.append_and_attend(x))[:, 0]  # [R, D]
+        for r in range(B * K):
+            history[r].append(x[r, 0])
+            seq = np.stack(history[r])[None]  # [1, t + 1, D]
+            want = np.asarray(mha(seq, seq, mask=attention.causal_mask(t + 1)))[0, -1]
+            np.testing.assert_allclose(out[r], want, atol=1e-5, err_msg=f'step {t}, row {r}')
+    assert len({tuple(map(tuple, h)) for h in map(np.asarray, history)}) > 1  # they differ
+
+
+def test_beams_of_a_sentence_attend_to_its_source():
+    """B * K rows over a source cached once per sentence: row r attends to sentence r // K."""
+    B, K = 2, 3
+    mha = layers.MultiHeadAttention(8, 2, 4, 3, rngs=nnx.Rngs(12))
+    rng = np.random.default_rng(12)
+    y = rng.standard_normal((B * K, 1, 8)).astype(np.float32)
+    source = rng.standard_normal((B, 6, 8)).astype(np.float32)
+    valid = jnp.array([[1] * 6, [1] * 4 + [0] * 2], bool)
+    mha.init_cross_cache(source)
+    cached = np.asarray(mha.attend_to_source(y, mask=valid[:, None, None, :]))
+    repeated = np.repeat(source, K, axis=0)
+    mask = attention.padding_mask(jnp.ones((B * K, 1), bool), jnp.repeat(valid, K, axis=0))
+    np.testing.assert_allclose(cached, np.asarray(mha(y, repeated, mask=mask)), atol=1e-6)
+
+
 def test_cached_source_is_this_batchs():
     """attend_to_source == full attention over the projected source; a source cached for
     another batch size is refused rather than broadcast."""
