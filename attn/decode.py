@@ -3,9 +3,13 @@
 Every search is one compiled program: the encoder runs once per batch, the source's
 keys/values are projected once (`Decoder.init_cache(..., encoded=...)`), and a
 `jax.lax.while_loop` carries the self-attention caches (nnx.Cache state) from step to
-step. The model is split into graphdef + state (`nnx.split`) and merged inside the step,
-so nothing here mutates the caller's model. Jitted functions take the graphdef as a
-static argument, so repeated calls with the same shapes and settings do not recompile.
+step. The beam search grows those caches in phases (`_phases`), one while_loop each:
+attention over the cache reads the whole allocated length at every step, written or not,
+so a phase reads only its own (greedy search gained nothing from it on CPU, and compiled
+twice as long). The model is split into graphdef + state (`nnx.split`) and
+merged inside the step, so nothing here mutates the caller's model. Jitted functions take the
+graphdef as a static argument, so repeated calls with the same shapes and settings do not
+recompile.
 
 Outputs are [B, L] target ids without BOS, up to and including EOS, then PAD. For the
 Transformer L = S + max_extra_length (S: the batch's padded source length) and sentence
@@ -62,9 +66,10 @@ def _start(graphdef, state, inputs, *, batch_size: int, copies: int, length: int
       copies: rows per sentence (the beam size K), sentence-major.
       length: L, positions in each self-attention cache.
     Returns:
-      (step, self_cache): `step(self_cache, tokens [R], t) -> (logits [R, V] float32,
+      (step, self_cache, grow): `step(self_cache, tokens [R], t) -> (logits [R, V] float32,
       self_cache)` feeds `tokens` at position t, R = B * copies; given tokens [R, T] it
       feeds positions t, ..., t + T - 1 in one pass (a prefill) and returns [R, T, V].
+      `grow(self_cache, length)` lengthens the caches to `length` positions.
     """
     model = nnx.merge(graphdef, state)
     if inputs is not None:
@@ -94,7 +99,20 @@ def _start(graphdef, state, inputs, *, batch_size: int, copies: int, length: int
         logits = logits.astype(jnp.float32).reshape(*tokens.shape, -1)  # [R, V] or [R, T, V]
         return logits, nnx.state(m, layers.DecodeCache)
 
-    return step, self_cache
+    def grow(cache, length):
+        m = nnx.merge(step_def, cache, source_cache, rest)
+        m.decoder.grow_cache(length)
+        return nnx.state(m, layers.DecodeCache)
+
+    return step, self_cache, grow
+
+
+def _phases(length: int) -> list[int]:
+    """The cache lengths the beam search grows through, up to `length`: up to 4 phases of at
+    least 8 positions (base beam 4, 41 positions, on this project's 2-core CPU: 4 phases
+    3.61 -> 3.27 s per batch, compiled in 8.0 s instead of 5.9)."""
+    n = max(1, min(4, length // 8))
+    return [-(-length * (i + 1) // n) for i in range(n)]
 
 
 def _split(model: Transformer | LanguageModel, kind: type):
@@ -116,8 +134,9 @@ def _mask_tokens(logits: jax.Array, suppress_eos: jax.Array) -> jax.Array:
       logits: [..., V] logits or log-probs; masked entries become -inf.
       suppress_eos: [] bool.
     """
-    logits = logits.at[..., PAD_ID].set(NEG_INF).at[..., BOS_ID].set(NEG_INF)
-    return logits.at[..., EOS_ID].set(jnp.where(suppress_eos, NEG_INF, logits[..., EOS_ID]))
+    ids = jnp.arange(logits.shape[-1])
+    masked = (ids == PAD_ID) | (ids == BOS_ID) | ((ids == EOS_ID) & suppress_eos)
+    return jnp.where(masked, NEG_INF, logits)  # elementwise, so it fuses into its readers
 
 
 def _argmax(x: jax.Array) -> jax.Array:
@@ -140,7 +159,7 @@ def length_penalty(length: jax.Array, alpha: float | jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=0)
 def _forced_decode(graphdef, state, inputs, decoder_inputs):
     B, T = decoder_inputs.shape
-    step, cache = _start(graphdef, state, inputs, batch_size=B, copies=1, length=T)
+    step, cache, _ = _start(graphdef, state, inputs, batch_size=B, copies=1, length=T)
 
     def body(cache, xs):
         t, tokens = xs
@@ -177,7 +196,7 @@ def forced_decode(model, inputs, decoder_inputs) -> jax.Array:
 def _greedy(graphdef, state, inputs, min_length, *, max_extra_length):
     B, S = inputs.shape
     L = S + max_extra_length
-    step, cache = _start(graphdef, state, inputs, batch_size=B, copies=1, length=L)
+    step, cache, _ = _start(graphdef, state, inputs, batch_size=B, copies=1, length=L)
     limits = _limits(inputs, max_extra_length)  # [B]
 
     def cond(carry):
@@ -350,7 +369,8 @@ def _beam_step(beams: _Beams, step: Step, limits: jax.Array, alpha, min_length) 
 def _beam_search(graphdef, state, inputs, alpha, min_length, *, beam_size, max_extra_length):
     B, S = inputs.shape
     K, L = beam_size, S + max_extra_length
-    step, cache = _start(graphdef, state, inputs, batch_size=B, copies=K, length=L)
+    phases = _phases(L)
+    step, cache, grow = _start(graphdef, state, inputs, batch_size=B, copies=K, length=phases[0])
     limits = _limits(inputs, max_extra_length)  # [B]
     first = jnp.arange(K) == 0  # one live hypothesis (BOS) to start from, not K copies
     beams = _Beams(
@@ -363,11 +383,12 @@ def _beam_search(graphdef, state, inputs, alpha, min_length, *, beam_size, max_e
         finished_scores=jnp.full((B, K), NEG_INF, jnp.float32),
         finished_logprobs=jnp.full((B, K), NEG_INF, jnp.float32),
     )
-    beams = jax.lax.while_loop(
-        lambda b: (b.t < L) & ~_beams_done(b, limits, alpha).all(),
-        lambda b: _beam_step(b, step, limits, alpha, min_length),
-        beams,
-    )
+    for length in phases:  # each phase's loop runs while t < its cache length
+        beams = jax.lax.while_loop(
+            lambda b, length=length: (b.t < length) & ~_beams_done(b, limits, alpha).all(),
+            lambda b: _beam_step(b, step, limits, alpha, min_length),
+            beams._replace(cache=grow(beams.cache, length)),
+        )
     return Hypotheses(beams.finished_seqs, beams.finished_scores, beams.finished_logprobs)
 
 
@@ -510,7 +531,7 @@ def _prefill(step: Step, cache: nnx.State, prompts: jax.Array, prompt_lengths: j
 @functools.partial(jax.jit, static_argnums=0, static_argnames=('max_length', 'prefill'))
 def _sample(graphdef, state, prompts, prompt_lengths, key, settings, *, max_length, prefill):
     B, P = prompts.shape
-    step, cache = _start(graphdef, state, None, batch_size=B, copies=1, length=max_length)
+    step, cache, _ = _start(graphdef, state, None, batch_size=B, copies=1, length=max_length)
     forced = jnp.pad(prompts, ((0, 0), (0, max_length - P)), constant_values=PAD_ID)  # [B, L]
     start, last = jnp.array(0, jnp.int32), jnp.full((B,), BOS_ID, jnp.int32)
     if prefill and P > 0:  # P = 0: nothing to prefill

@@ -240,6 +240,19 @@ class MultiHeadAttention(nnx.Module):
         )  # [B, beams * T, D]
         return out.reshape(R, T, D)
 
+    def grow_cache(self, max_length: int) -> None:
+        """Lengthens the self-attention cache to `max_length` positions, keeping what is
+        written (position-major: the new positions go at the end of every slot's range).
+        A search grows it in phases, so that attention reads only the phase's length."""
+        L = self.cache_slots.shape[1]
+        if max_length < L:
+            raise ValueError(f"grow_cache: {max_length} positions < the cache's {L}.")
+        extra = (max_length - L) * (self.cache_value.shape[2] // L)  # positions x beams
+        key = jnp.pad(self.cache_key[...], ((0, 0), (0, 0), (0, 0), (0, extra)))
+        value = jnp.pad(self.cache_value[...], ((0, 0), (0, 0), (0, extra), (0, 0)))
+        self.cache_key, self.cache_value = DecodeCache(key), DecodeCache(value)
+        self.cache_slots = BeamSlots(jnp.pad(self.cache_slots[...], ((0, 0), (0, max_length - L))))
+
     def init_cross_cache(self, inputs_kv: jax.Array) -> None:
         """Encoder-decoder attention: the keys/values of the source `inputs_kv` [B, S, D],
         projected once for every `attend_to_source` call of this batch."""

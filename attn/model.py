@@ -348,6 +348,14 @@ class Decoder(nnx.Module):
             if self.attends_to_source:
                 layer.cross_attention.init_cross_cache(encoded)
 
+    def grow_cache(self, max_length: int) -> None:
+        """Every self-attention cache lengthened to `max_length` positions (`init_cache`'s
+        content kept; `MultiHeadAttention.grow_cache`)."""
+        if self.embedder.learned is not None:
+            check_learned_length(self.embedder.learned, max_length, 'decoding caches')
+        for layer in self.layers:
+            layer.self_attention.grow_cache(max_length)
+
     def decode_step(self, tokens, *, positions, source_valid=None) -> jax.Array:
         """Logits of the next token after T more positions, through the caches: one per
         decoding step, or a prompt's at once (a prefill; causal within the T).

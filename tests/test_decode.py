@@ -273,6 +273,25 @@ def test_beam_scores_are_full_forward_logprobs_over_length_penalty(model):
         np.testing.assert_allclose(scores[:, k], logprob / lp(lengths(tokens[:, k])), atol=1e-4)
 
 
+def test_beam_search_grown_in_phases_is_the_one_cache_search(model, monkeypatch):
+    """The caches grown in phases (L = 6 + 18 = 24: 3 phases of 8 positions; outputs of at
+    least 12 tokens cross two boundaries) give the search over one cache of the whole
+    length: the same hypotheses and scores, the full forward pass's log-probs."""
+    assert decode._phases(24) == [8, 16, 24]
+    settings = dict(max_extra_length=18, min_length=12, return_all=True)
+    phased = decode.beam_search(model, INPUTS, **settings)
+    monkeypatch.setattr(decode, '_phases', lambda length: [length])
+    decode._beam_search.clear_cache()  # traced again, with one phase
+    single = decode.beam_search(model, INPUTS, **settings)
+    decode._beam_search.clear_cache()
+    np.testing.assert_array_equal(phased.tokens, single.tokens)
+    np.testing.assert_allclose(phased.scores, single.scores, atol=1e-6)
+    best = np.asarray(phased.tokens[:, 0])
+    assert lengths(best).min() >= 12
+    logprob = full_logprobs(model, INPUTS, best).sum(-1)
+    np.testing.assert_allclose(np.asarray(phased.logprobs[:, 0]), logprob, atol=1e-4)
+
+
 def test_beam_size_one_without_length_penalty_is_greedy(model):
     greedy = decode.greedy_search(model, INPUTS, max_extra_length=5)
     beam, _ = decode.beam_search(model, INPUTS, beam_size=1, alpha=0.0, max_extra_length=5)

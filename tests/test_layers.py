@@ -167,6 +167,22 @@ def test_beam_slots_follow_reordered_hypotheses():
     assert len({tuple(map(tuple, h)) for h in map(np.asarray, history)}) > 1  # they differ
 
 
+def test_a_grown_cache_keeps_what_was_written():
+    """Three steps in a cache of 3, grown to 5, two more steps: causal attention throughout,
+    with beams; a cache is never shrunk."""
+    B, K, D = 1, 2, 8
+    mha = layers.MultiHeadAttention(D, 2, 4, 3, rngs=nnx.Rngs(13))
+    x = np.random.default_rng(13).standard_normal((B * K, 5, D)).astype(np.float32)
+    full = np.asarray(mha(x, x, mask=attention.causal_mask(5)))
+    mha.init_cache(B, 3, beams=K)
+    steps = [np.asarray(mha.append_and_attend(x[:, t : t + 1])) for t in range(3)]
+    mha.grow_cache(5)
+    steps += [np.asarray(mha.append_and_attend(x[:, t : t + 1])) for t in range(3, 5)]
+    np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-6)
+    with pytest.raises(ValueError, match='4 positions < the cache'):
+        mha.grow_cache(4)
+
+
 def test_beams_of_a_sentence_attend_to_its_source():
     """B * K rows over a source cached once per sentence: row r attends to sentence r // K."""
     B, K = 2, 3

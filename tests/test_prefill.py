@@ -90,7 +90,7 @@ def _prefilled_steps(graphdef, state, prompts, lengths, targets, start):
     """`decode._prefill`, then teacher-forced single steps from position `start` on:
     (m, the input at m, logits [B, T - start, V])."""
     B, T = targets.shape
-    step, cache = decode._start(graphdef, state, None, batch_size=B, copies=1, length=T)
+    step, cache, _ = decode._start(graphdef, state, None, batch_size=B, copies=1, length=T)
     m, last, cache = decode._prefill(step, cache, prompts, lengths)
     inputs = shift_right(targets)
     logits = []
