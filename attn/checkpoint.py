@@ -350,12 +350,11 @@ class Checkpointer:
             ) from error
 
     def _remove_partial(self) -> list[epath.Path]:
-        """Removes what a failed save left half-written (its `*tmp*` directories), once the
-        save's other writer threads have stopped: one still running when the first failed
-        could write into a directory again after it was removed (freed space lets it), so
-        removal repeats until none is seen for a moment. Returns the first ones found."""
-        with contextlib.suppress(Exception):  # the same failure, raised again
-            self.manager.wait_until_finished()
+        """Removes what a failed save left half-written (its `*tmp*` directories). A save's
+        writer thread still running when another failed can write into a directory again
+        after it is removed (the freed space lets it), so removal repeats until none is seen
+        for half a second (at most 10 s; no wait on the writers, which a lost mount or
+        another process could hold forever). Returns the first ones found."""
         first = sorted(p for p in self.directory.glob('*') if 'tmp' in p.name)
         quiet_since = None
         deadline = time.monotonic() + 10.0
@@ -367,7 +366,7 @@ class Checkpointer:
                 quiet_since = None
             elif quiet_since is None:
                 quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since > 0.2:
+            elif time.monotonic() - quiet_since > 0.5:
                 break
             time.sleep(0.05)
         return first

@@ -18,7 +18,7 @@ b stops after len_b + max_extra_length tokens, len_b its source length without p
 produced (PAD pads the output, BOS only starts it); scores remain the model's log-probs.
 
 Dimension letters: B batch, S source length, L output length, K beam, V vocabulary,
-R = B * K cache rows.
+R = B * K hypotheses (rows of a step; the key/value caches hold B sentences of K slots).
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ class _Beams(NamedTuple):
     live_seqs: jax.Array  # [B, K, L] ids, PAD after position t
     live_logprobs: jax.Array  # [B, K] sum of log-probs; -inf = no hypothesis
     last: jax.Array  # [B, K] each live hypothesis' latest token (the next step's input)
-    cache: nnx.State  # self-attention caches, rows [B * K]
+    cache: nnx.State  # self-attention caches: B sentences x K slots, slot tables [B * K, L]
     finished_seqs: jax.Array  # [B, K, L] ids up to EOS (or the length limit), then PAD
     finished_scores: jax.Array  # [B, K] log-prob / length penalty; -inf = empty slot
     finished_logprobs: jax.Array  # [B, K] log-prob (sum over tokens); -inf = empty slot
@@ -317,8 +317,7 @@ def _candidates(beams: _Beams, logits: jax.Array, log_norm: jax.Array):
         at = functools.partial(jnp.take_along_axis, indices=i[..., None], axis=1)
         return (x - at(log_norm[..., None])) + at(live[..., None])
 
-    every = jnp.broadcast_to(jnp.arange(K * n), (B, K * n))
-    block_best = totals(blocks.max(axis=2, keepdims=True), every)[..., 0]  # [B, K * n]
+    block_best = (blocks.max(axis=2) - log_norm) + live  # [B, K * n], as `totals` computes
     _, chosen = jax.lax.top_k(block_best, min(2 * K, K * n))  # [B, 2K]
     chosen = jnp.sort(chosen, axis=1)  # in index order, so that ties go to the lower index
     picked = totals(jnp.take_along_axis(blocks, chosen[..., None], axis=1), chosen)

@@ -39,7 +39,7 @@ class BeamSlots(DecodeCache):
 
     Keys/values are written once, into the slot of the hypothesis that fed the position,
     and never move; when beams are reordered only this [B * beams, L] table follows its
-    hypotheses (the search's reorder), not every layer's [B, N, beams, L, *] cache.
+    hypotheses (the search's reorder), not every layer's key/value cache (`init_cache`).
     """
 
 
@@ -187,7 +187,8 @@ class MultiHeadAttention(nnx.Module):
 
         The queries of a sentence's beams attend together, to all its slots at once, each
         masked to its own history (`cache_slots`): every cached key/value is read once per
-        sentence, not once per beam.
+        sentence, not once per beam. Each query scores all L x beams keys, beams - 1 of every
+        beams masked, so the products grow as beams^2 (cheap at the paper's beam of 4).
 
         Args:
           inputs_q: [R, T, D], the decoder stream at positions index, ..., index + T - 1

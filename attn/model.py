@@ -195,12 +195,12 @@ class DecoderLayer(nnx.Module):
         rngs=None,
         decode=False,
     ) -> jax.Array:
-        """y: [B, T, D] -> [B, T, D].
+        """y: [B, T, D] -> [B, T, D] (with decode, B may be R = sentences x beams rows).
 
         Args:
           self_mask: [B, 1, T, T] (None with decode: the cache masks what is not written).
           encoded: [B, S, D] encoder output (None with decode: its keys/values are cached).
-          cross_mask: [B, 1, T, S].
+          cross_mask: [B, 1, T, S] ([B, 1, 1, S] with decode).
           decode: T new positions (one per decoding step, the prompt's at a prefill)
             through the caches of `Decoder.init_cache`.
         """
@@ -374,7 +374,7 @@ class Decoder(nnx.Module):
             cross_mask = source_valid[:, None, None, :]  # [B, 1, 1, S]
         y = self.embedder(tokens, positions=positions, deterministic=True, rngs=None)
         for layer in self.layers:
-            y = layer(y, cross_mask=cross_mask, decode=True)  # [B, T, D]
+            y = layer(y, cross_mask=cross_mask, decode=True)  # [R, T, D]
         return self._finish(y, project=True)
 
     def _finish(self, y: jax.Array, project: bool) -> jax.Array:

@@ -200,7 +200,7 @@ def test_beams_of_a_sentence_attend_to_its_source():
 
 def test_cached_source_is_this_batchs():
     """attend_to_source == full attention over the projected source; a source cached for
-    another batch size is refused rather than broadcast."""
+    a batch whose rows are not a multiple of its sentences is refused."""
     mha = layers.MultiHeadAttention(8, 2, 4, 3, rngs=nnx.Rngs(10))
     rng = np.random.default_rng(10)
     y = rng.standard_normal((2, 3, 8)).astype(np.float32)
