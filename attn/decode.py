@@ -309,18 +309,15 @@ def _candidates(beams: _Beams, logits: jax.Array, log_norm: jax.Array):
     n = -(-V // block)  # blocks per row
     if n * block != V:
         logits = jnp.pad(logits, ((0, 0), (0, 0), (0, n * block - V)), constant_values=NEG_INF)
-    blocks = logits.reshape(B, K * n, block)  # block j of parent j // n
-    log_norm = jnp.repeat(log_norm, n, axis=1)  # [B, K * n]
-    live = jnp.repeat(beams.live_logprobs, n, axis=1)
-
-    def totals(x, i):  # x [B, k, block] of blocks i [B, k]: the summed log-probs
-        at = functools.partial(jnp.take_along_axis, indices=i[..., None], axis=1)
-        return (x - at(log_norm[..., None])) + at(live[..., None])
-
-    block_best = (blocks.max(axis=2) - log_norm) + live  # [B, K * n], as `totals` computes
-    _, chosen = jax.lax.top_k(block_best, min(2 * K, K * n))  # [B, 2K]
+    blocks = logits.reshape(B, K, n, block)
+    live = beams.live_logprobs
+    # Summed log-probs, computed alike for block maxima and entries (so they rank alike).
+    block_best = (blocks.max(axis=3) - log_norm[..., None]) + live[..., None]  # [B, K, n]
+    _, chosen = jax.lax.top_k(block_best.reshape(B, K * n), min(2 * K, K * n))  # [B, 2K]
     chosen = jnp.sort(chosen, axis=1)  # in index order, so that ties go to the lower index
-    picked = totals(jnp.take_along_axis(blocks, chosen[..., None], axis=1), chosen)
+    of_parent = functools.partial(jnp.take_along_axis, indices=chosen // n, axis=1)  # [B, 2K]
+    picked = jnp.take_along_axis(blocks.reshape(B, K * n, block), chosen[..., None], axis=1)
+    picked = (picked - of_parent(log_norm)[..., None]) + of_parent(live)[..., None]
     top_logprobs, top = jax.lax.top_k(picked.reshape(B, -1), min(2 * K, K * V))  # [B, 2K]
     flat = jnp.take_along_axis(chosen, top // block, axis=1)  # the block of each
     tokens = jnp.minimum((flat % n) * block + top % block, V - 1)  # padding only when dead

@@ -201,13 +201,12 @@ class MultiHeadAttention(nnx.Module):
         R, T, D = inputs_q.shape
         L = self.cache_slots.shape[1]
         B, N = self.cache_key.shape[:2]
-        beams = R // B
+        beams = self.cache_value.shape[2] // L
         if T > L:
             raise ValueError(f'append_and_attend: {T} positions do not fit a cache of {L}.')
-        if R != B * (self.cache_value.shape[2] // L):
+        if R != B * beams:
             raise ValueError(
-                f'append_and_attend: {R} rows, but the cache holds {self.cache_value.shape[2] // L}'
-                f' beams of {B} sentences.'
+                f'append_and_attend: {R} rows, but the cache holds {beams} beams of {B} sentences.'
             )
         key, value = self._keys_values(inputs_q)  # [R, T, N, *]
         index = self.cache_index[...]
