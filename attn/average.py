@@ -18,14 +18,14 @@ import os
 import jax.numpy as jnp
 from absl import flags
 
-from attn import checkpoint, cli, restore, sharding
-from attn import workdir as workdir_lib
+from attn import cli, rundir
+from attn.training import checkpoint, sharding
 
 
 def average(
     workdir: str, *, last: int, out: str | None = None, step: int | str | None = None
 ) -> dict:
-    """Writes the mean of the last `last` checkpoints (up to `step`; restore.BEST: the
+    """Writes the mean of the last `last` checkpoints (up to `step`; rundir.BEST: the
     best kept) to `out`; returns what it wrote ({'out', 'steps', 'step'})."""
     out = out or os.path.join(workdir, f'average-last{last}')
     if os.path.abspath(out) == os.path.abspath(workdir):
@@ -33,18 +33,18 @@ def average(
             f'--out={out} is the workdir itself: write the average to a new directory.'
         )
     mesh = sharding.make_mesh()
-    config, steps, params = restore.load_params(workdir, step=step, average_last=last, mesh=mesh)
-    ckpt = checkpoint.Checkpointer(workdir_lib.checkpoints(out), keep=None, async_save=False)
+    config, steps, params = rundir.load_params(workdir, step=step, average_last=last, mesh=mesh)
+    ckpt = checkpoint.Checkpointer(rundir.checkpoints(out), keep=None, async_save=False)
     if steps[-1] in ckpt.all_steps():
         ckpt.close()
         raise checkpoint.CheckpointError(
-            f'{workdir_lib.checkpoints(out)} already holds step {steps[-1]}: remove it or '
+            f'{rundir.checkpoints(out)} already holds step {steps[-1]}: remove it or '
             'choose another --out.'
         )
     state = {'step': jnp.asarray(steps[-1], jnp.int32), 'params': params}
     ckpt.save(steps[-1], state, config=config.to_dict())
     ckpt.close()
-    workdir_lib.write_config(out, config)
+    rundir.write_config(out, config)
     summary = {'out': os.path.abspath(out), 'source': os.path.abspath(workdir), 'steps': steps}
     with open(os.path.join(out, 'average.json'), 'w', encoding='utf-8') as f:
         json.dump(summary, f, indent=1)

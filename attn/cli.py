@@ -13,7 +13,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_dict, config_flags
 
-from attn import configuration
+from attn import configs
 from attn.errors import ConfigError, UserError
 
 COMMANDS = {
@@ -56,17 +56,17 @@ def define_config_flag() -> None:
 
 
 class _StepParser(flags.ArgumentParser):
-    """A checkpoint step: a number, or restore.BEST."""
+    """A checkpoint step: a number, or rundir.BEST."""
 
     def parse(self, argument):
-        from attn import restore  # not at import: restore brings the data stack
+        from attn import rundir  # not at import: restore brings the data stack
 
-        if argument == restore.BEST:
+        if argument == rundir.BEST:
             return argument
         try:
             return int(argument)
         except ValueError:
-            raise ValueError(f'{argument!r}: give a step number or {restore.BEST}') from None
+            raise ValueError(f'{argument!r}: give a step number or {rundir.BEST}') from None
 
     def flag_type(self) -> str:
         return "int or 'best'"
@@ -93,7 +93,7 @@ def define_checkpoint_flags() -> None:
 
 def config(validate: bool = True):
     """The --config value, refused (one line) if it cannot work: its file is missing, or
-    `configuration.validate` fails. That check counts one device, since counting them would
+    `configs.validate` fails. That check counts one device, since counting them would
     start JAX's backend before `jax.distributed`; `train_and_evaluate` checks the real count.
     `validate=False` for configs that are not `attn.train`'s (the studies in experiments/).
     A usage error when --config is missing."""
@@ -106,7 +106,7 @@ def config(validate: bool = True):
         except OSError as error:
             raise UserError(_unloadable(flags.FLAGS['config'].config_filename, error)) from None
     if validate:
-        configuration.validate(value, devices=1)
+        configs.validate(value, devices=1)
     return value
 
 

@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from attn import cli, evaluate
+from attn import cli
 from attn.data import datasets, pipeline
 
 SAMPLE = 2000  # examples tokenized for the mean length
@@ -28,7 +28,7 @@ def _per_source(source) -> dict[str, int] | None:
     if not len(source) or 'source' not in source[0]:
         return None
     counts = collections.Counter(source[i]['source'] for i in range(len(source)))
-    return {evaluate.text(k): v for k, v in sorted(counts.items())}
+    return {datasets.text(k): v for k, v in sorted(counts.items())}
 
 
 def _mean_tokens(data: datasets.Data) -> dict[str, float]:

@@ -16,9 +16,9 @@ import jax
 from absl import flags
 from flax import nnx
 
-from attn import cli, configuration
+from attn import cli, configs
 from attn.model import build_model
-from attn.model_config import ModelConfig
+from attn.model.config import ModelConfig
 
 
 def module_params(model: nnx.Module) -> dict[str, int]:
@@ -56,7 +56,7 @@ def forward_flops(cfg: ModelConfig, kind: str, source_length: int, target_length
 
 def summarize(config, length: int | None = None) -> dict:
     """Parameter and FLOP summary of an experiment config (no weights are allocated)."""
-    cfg = configuration.model_config(config)
+    cfg = configs.model_config(config)
     model = nnx.eval_shape(lambda: build_model(config.model_kind, cfg))
     modules = module_params(model)
     length = length or config.data.max_length

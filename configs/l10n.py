@@ -11,14 +11,14 @@ at ~3,200 target tokens/s; validation perplexity 20.2; test sacreBLEU 14.8 (pape
 tokenized BLEU 15.0) with beam 4.
 """
 
-from attn import config_lib
+from attn import configs
 from attn.data.l10n_translate import PAIRS
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, size='small', pair='en-de', runlocal=False)
-    config_lib.check_choice('pair', arg.pair, PAIRS)
-    config = config_lib.base_config(arg.size)
+    arg = configs.parse_arg(arg, size='small', pair='en-de', runlocal=False)
+    configs.check_choice('pair', arg.pair, PAIRS)
+    config = configs.base_config(arg.size)
     config.data.name = 'l10n_translate'
     config.data.config = arg.pair
     config.data.target_lang = PAIRS[arg.pair]
@@ -33,4 +33,4 @@ def get_config(arg=None):
     config.log_every_steps = 25
     config.eval_every_steps = 350
     config.checkpoint_every_steps = 100  # the last 5 are kept for averaging
-    return config_lib.finalize(config, arg)
+    return configs.finalize(config, arg)

@@ -6,7 +6,7 @@
 Same layers as the paper's decoder without encoder-decoder attention.
 """
 
-from attn import config_lib
+from attn import configs
 
 DATASETS = {
     # dataset: (TFDS builder, builder config, text feature, vocabulary size)
@@ -16,10 +16,10 @@ DATASETS = {
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, size='small', dataset='l10n', runlocal=False)
-    config_lib.check_choice('dataset', arg.dataset, DATASETS)
+    arg = configs.parse_arg(arg, size='small', dataset='l10n', runlocal=False)
+    configs.check_choice('dataset', arg.dataset, DATASETS)
     name, builder_config, text_feature, vocab_size = DATASETS[arg.dataset]
-    config = config_lib.base_config(arg.size)
+    config = configs.base_config(arg.size)
     config.model_kind = 'lm'
     config.data.name = name
     config.data.config = builder_config
@@ -38,4 +38,4 @@ def get_config(arg=None):
         config.optimizer.lr_scale = 0.4
         config.log_every_steps = 25
         config.eval_every_steps = config.checkpoint_every_steps = 350
-    return config_lib.finalize(config, arg)
+    return configs.finalize(config, arg)

@@ -13,12 +13,12 @@ experiments/reference_window/task.py). `:size=tiny` is the test's few-second ver
 
 from ml_collections import config_dict
 
-from attn import config_lib
+from attn import configs
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, size='small', kind='offset', max_k=64, steps=2000)
-    config_lib.check_choice('size', arg.size, ('tiny', 'small'))
+    arg = configs.parse_arg(arg, size='small', kind='offset', max_k=64, steps=2000)
+    configs.check_choice('size', arg.size, ('tiny', 'small'))
     tiny = arg.size == 'tiny'
     config = config_dict.ConfigDict()
     config.seed = 0
@@ -30,7 +30,7 @@ def get_config(arg=None):
     # The Transformer (its vocabulary and length are the task's); the recurrent models get
     # the same embedding width and whatever hidden size brings their parameter count
     # nearest to its.
-    config.model = config_lib.model_config('tiny')
+    config.model = configs.model_config('tiny')
     config.model.update(num_layers=2, emb_dim=64, mlp_dim=256, num_heads=4, dropout_rate=0.0)
     config.models = ('transformer', 'rnn', 'gru', 'lstm')
     config.steps = 4 if tiny else arg.steps

@@ -23,7 +23,7 @@ tell which of them the noise comes from.
 
 import pathlib
 
-from attn import config_lib
+from attn import configs
 
 # Model overrides of each row relative to base (Table 3).
 ROWS = {
@@ -46,7 +46,7 @@ ROWS = {
     'D3': {},  # label smoothing 0.0, set below
     'D4': {},  # label smoothing 0.2
     'E': dict(positions='learned'),
-    'big': dict(config_lib.SIZES['big']),
+    'big': dict(configs.SIZES['big']),
 }
 LABEL_SMOOTHING = {'D3': 0.0, 'D4': 0.2}
 TOTAL_STEPS = {'big': 300_000}  # every other row: 100K steps
@@ -77,18 +77,18 @@ PAPER = {
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(
+    arg = configs.parse_arg(
         arg,
         row='base',
         dataset='wmt14',
         shrink=0,
         seed=0,
-        **{f'{source}_seed': -1 for source in config_lib.SEED_SOURCES},
+        **{f'{source}_seed': -1 for source in configs.SEED_SOURCES},
         runlocal=False,
     )
-    config_lib.check_choice('row', arg.row, ROWS)
-    config_lib.check_choice('dataset', arg.dataset, ('wmt14', 'l10n'))
-    config = config_lib.base_config('base')
+    configs.check_choice('row', arg.row, ROWS)
+    configs.check_choice('dataset', arg.dataset, ('wmt14', 'l10n'))
+    config = configs.base_config('base')
     for field, value in ROWS[arg.row].items():
         config.model[field] = value
     config.label_smoothing = LABEL_SMOOTHING.get(arg.row, 0.1)
@@ -99,10 +99,10 @@ def get_config(arg=None):
         _shrink(config, arg.shrink)
     config.keep_checkpoints = 1  # Table 3 uses no checkpoint averaging
     config.seed = arg.seed  # initialization, dropout and data order: seed noise
-    for source in config_lib.SEED_SOURCES:  # one of them alone; -1 leaves it to seed
+    for source in configs.SEED_SOURCES:  # one of them alone; -1 leaves it to seed
         seed = arg[f'{source}_seed']
         config.seeds[source] = None if seed == -1 else seed
-    return config_lib.finalize(config, arg)
+    return configs.finalize(config, arg)
 
 
 def _shrink(config, factor: int) -> None:
@@ -114,7 +114,7 @@ def _shrink(config, factor: int) -> None:
 
 def _small_scale(config, factor: int) -> None:
     """The embedded corpus with the quickstart's data and learning rate; widths / factor."""
-    quickstart = config_lib.load(pathlib.Path(__file__).with_name('l10n.py'))
+    quickstart = configs.load(pathlib.Path(__file__).with_name('l10n.py'))
     for field in ('name', 'config', 'source_lang', 'target_lang', 'vocab_size'):
         config.data[field] = quickstart.data[field]
     for field in ('tokens_per_batch', 'max_length', 'eval_split'):

@@ -7,7 +7,7 @@ big EN-DE 28.4, EN-FR 41.8. Base: 100K steps, average of the last 5 checkpoints;
 big: 300K steps, average of the last 20. Big EN-FR uses P_drop 0.1, not 0.3 (§6.1).
 """
 
-from attn import config_lib
+from attn import configs
 
 PAIRS = {
     # TFDS wmt14_translate config: (target language, shared vocabulary size) (§5.1)
@@ -17,11 +17,11 @@ PAIRS = {
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, size='base', pair='de-en', runlocal=False)
-    config_lib.check_choice('size', arg.size, ('base', 'big'))
-    config_lib.check_choice('pair', arg.pair, PAIRS)
+    arg = configs.parse_arg(arg, size='base', pair='de-en', runlocal=False)
+    configs.check_choice('size', arg.size, ('base', 'big'))
+    configs.check_choice('pair', arg.pair, PAIRS)
     target_lang, vocab_size = PAIRS[arg.pair]
-    config = config_lib.base_config(arg.size)
+    config = configs.base_config(arg.size)
     config.data.config = arg.pair
     config.data.target_lang = target_lang
     config.data.vocab_size = vocab_size
@@ -32,4 +32,4 @@ def get_config(arg=None):
         config.keep_checkpoints = 20
         if arg.pair == 'fr-en':
             config.model.dropout_rate = 0.1
-    return config_lib.finalize(config, arg)
+    return configs.finalize(config, arg)

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 
-from attn import config_lib
+from attn import configs
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ def load_sweep(folder: str, arg: str | None) -> list[tuple[str, str]]:
 def load_config(config: str):
     """The ConfigDict of 'configs/NAME.py:arg' (a path from the working directory)."""
     file, _, arg = config.partition(':')
-    return config_lib.load(file, arg)
+    return configs.load(file, arg)
 
 
 def status(workdir: pathlib.Path, config) -> str:

@@ -34,13 +34,13 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 @pytest.fixture(scope='session')
 def toy_run(tmp_path_factory):
     """(workdir, data) of a 6-step toy run with checkpoints at steps 3 and 6."""
-    from attn import train
+    from attn.training import loop
     from tests import toy
 
     directory = tmp_path_factory.mktemp('toy_run')
     data = toy.data(directory / 'tokenizer')
     workdir = str(directory / 'workdir')
-    train.train_and_evaluate(toy.config(), workdir, data)
+    loop.train_and_evaluate(toy.config(), workdir, data)
     return workdir, data
 
 

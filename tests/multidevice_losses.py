@@ -14,15 +14,16 @@ import sys
 import jax
 import numpy as np
 
-from attn import config_lib, distributed, sharding, step
-from attn.model_config import ModelConfig
+from attn import configs
+from attn.model.config import ModelConfig
+from attn.training import distributed, sharding, step
 
 
 def tiny_setup(num_layers: int):
     """(model config, Adam on the paper's schedule, mesh over every device) of a tiny
     Transformer."""
     cfg = ModelConfig(vocab_size=64, num_layers=num_layers, emb_dim=32, num_heads=4, mlp_dim=64)
-    optimizer = config_lib.base_config('tiny').optimizer
+    optimizer = configs.base_config('tiny').optimizer
     optimizer.warmup_steps = 10
     return cfg, step.make_optimizer(optimizer, cfg.emb_dim), sharding.make_mesh()
 

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attn import analysis, analyze, restore
-from attn.tokens import EOS_ID, PAD_ID
+from attn import rundir
+from attn.analysis import heads, report
+from attn.model.tokens import EOS_ID, PAD_ID
 
 
 @pytest.fixture
@@ -18,7 +19,7 @@ def trained(toy_run):
 
 def test_analyze_writes_pictures_and_statistics(trained, tmp_path):
     workdir, data = trained
-    summary = analyze.analyze(workdir, str(tmp_path), sentences=4, prune_steps=4, data=data)
+    summary = report.analyze(workdir, str(tmp_path), sentences=4, prune_steps=4, data=data)
     assert summary['heads'] == 2 * 4 * 3  # 2 layers x 4 heads x (enc self, dec self, cross)
     names = set(os.listdir(tmp_path))
     assert {'heads.json', 'pruning.json', 'pruning.png', 'bertviz.json'} <= names
@@ -55,7 +56,7 @@ def test_head_statistics_by_hand():
     weights[0, 1, [0, 1], [2, 3]] = 1.0
     weights[0, 2, :, 0] = 1.0
     weights[0, 1:, 2] = np.array([0.0, 0.0, 0.0, 1.0])  # the PAD query's
-    stats = analysis.head_statistics(weights, query, key)
+    stats = heads.head_statistics(weights, query, key)
     assert stats == [
         {'entropy': pytest.approx(np.log(4)), 'confidence': 0.25, 'mean_distance': 1.25},
         {'entropy': 0.0, 'confidence': 0.5, 'mean_distance': 2.0},
@@ -65,29 +66,29 @@ def test_head_statistics_by_hand():
 
 def test_attention_rows_sum_to_one_and_masking_a_head_matters(trained):
     workdir, data = trained
-    run = restore.load(workdir)
-    batch = analyze.sentence_batch(data, run.config, 'validation', 4)
-    maps = analysis.attention_maps(run.model, batch, 'transformer')
+    run = rundir.load(workdir)
+    batch = report.sentence_batch(data, run.config, 'validation', 4)
+    maps = heads.attention_maps(run.model, batch, 'transformer')
     valid = batch['targets_segmentation'] > 0
     for name, weights in maps.items():
         if name.startswith('decoder'):
             np.testing.assert_allclose(weights.sum(-1)[:, 0][valid], 1.0, atol=1e-5)
-    before = float(analysis.mean_loss(run.model, batch, 'transformer'))
-    assert float(analysis.mean_loss(run.model, batch, 'transformer')) == before  # reproducible
+    before = float(heads.mean_loss(run.model, batch, 'transformer'))
+    assert float(heads.mean_loss(run.model, batch, 'transformer')) == before  # reproducible
     mask = run.model.decoder.layers[1].cross_attention.head_mask
     mask[...] = jnp.array([0.0, 1.0, 1.0, 1.0])
-    assert float(analysis.mean_loss(run.model, batch, 'transformer')) != before
+    assert float(heads.mean_loss(run.model, batch, 'transformer')) != before
     mask[...] = jnp.ones(4)
-    assert float(analysis.mean_loss(run.model, batch, 'transformer')) == before
+    assert float(heads.mean_loss(run.model, batch, 'transformer')) == before
 
 
 def test_pruning_restores_the_masks_and_starts_unmasked(trained):
     workdir, data = trained
-    run = restore.load(workdir)
-    batch = analyze.sentence_batch(data, run.config, 'validation', 4)
-    importance = analysis.head_importance(run.model, batch, 'transformer')
+    run = rundir.load(workdir)
+    batch = report.sentence_batch(data, run.config, 'validation', 4)
+    importance = heads.head_importance(run.model, batch, 'transformer')
     assert all(v.shape == (4,) and (v >= 0).all() for v in importance.values())
-    curve = analysis.pruning_curve(run.model, batch, 'transformer', importance, 3)
-    plain = float(np.exp(analysis.mean_loss(run.model, batch, 'transformer')))
+    curve = heads.pruning_curve(run.model, batch, 'transformer', importance, 3)
+    plain = float(np.exp(heads.mean_loss(run.model, batch, 'transformer')))
     assert curve[0] == (0, pytest.approx(plain, rel=1e-5))
-    assert all(float(v.min()) == 1.0 for v in analysis._mask_variables(run.model).values())  # noqa: SLF001
+    assert all(float(v.min()) == 1.0 for v in heads._mask_variables(run.model).values())  # noqa: SLF001

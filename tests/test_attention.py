@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attn import attention
+from attn.model import attention
 
 FP32_TOL = 2e-6  # max abs error of float32 attention vs float64 (outputs are O(1))
 

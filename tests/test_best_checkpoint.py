@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attn import checkpoint, restore, train
-from attn import step as step_lib
+from attn import rundir
+from attn.training import checkpoint, loop
+from attn.training import step as step_lib
 from tests import toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +43,7 @@ def train_scripted(config, workdir: str, data, nlls: dict[int, float]) -> None:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(step_lib, 'evaluate_loss', evaluate_loss)
-        train.train_and_evaluate(config, workdir, data)
+        loop.train_and_evaluate(config, workdir, data)
     assert next(values, None) is None  # every scripted evaluation ran
 
 
@@ -54,7 +55,7 @@ def logged_perplexities(workdir: str) -> dict[int, float]:
 
 def kept(workdir: str) -> tuple[list[int], int | None]:
     """(the steps on disk, the best of them) as a reading command sees them."""
-    ckpt = restore.open_checkpoints(workdir)
+    ckpt = rundir.open_checkpoints(workdir)
     try:
         return ckpt.all_steps(), ckpt.best_step()
     finally:
@@ -86,7 +87,7 @@ def test_the_best_checkpoint_is_kept_beside_the_latest(best_run):
 
 def test_step_best_restores_the_best_checkpoint(best_run):
     workdir, _ = best_run
-    run = restore.load(workdir, step=restore.BEST)
+    run = rundir.load(workdir, step=rundir.BEST)
     assert run.steps == [4]
     saved = checkpoint.leaves_by_name(toy.saved_params(workdir, 4)[1])
     restored = checkpoint.leaves_by_name(nnx.state(run.model, nnx.Param))
@@ -97,9 +98,9 @@ def test_step_best_restores_the_best_checkpoint(best_run):
 
 def test_averaging_uses_the_latest_checkpoints_not_the_best(best_run):
     workdir, _ = best_run
-    assert restore.load(workdir, average_last=2).steps == [7, 8]
+    assert rundir.load(workdir, average_last=2).steps == [7, 8]
     # Ending at the best: the kept checkpoints up to it, here the best alone.
-    assert restore.load(workdir, step=restore.BEST, average_last=2).steps == [4]
+    assert rundir.load(workdir, step=rundir.BEST, average_last=2).steps == [4]
 
 
 def test_a_resumed_run_keeps_the_best_from_before(best_run, tmp_path):
@@ -116,7 +117,7 @@ def test_step_best_without_recorded_metrics_is_one_line_naming_the_fix(tmp_path)
     ckpt.save(3, {'step': jnp.asarray(3, jnp.int32)})
     ckpt.close()
     with pytest.raises(checkpoint.CheckpointError, match=r'has a validation perplexity'):
-        restore.load(str(tmp_path), step=restore.BEST)
+        rundir.load(str(tmp_path), step=rundir.BEST)
     result = subprocess.run(
         [sys.executable, '-m', 'attn.evaluate', f'--workdir={tmp_path}', '--step=best'],
         capture_output=True,

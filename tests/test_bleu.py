@@ -2,7 +2,7 @@
 
 import pytest
 
-from attn import bleu
+from attn.inference import bleu
 
 
 def test_identical_text_scores_100():

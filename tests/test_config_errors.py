@@ -1,4 +1,4 @@
-"""Every bad setting is refused before anything builds or trains: `configuration.validate`
+"""Every bad setting is refused before anything builds or trains: `configs.validate`
 in-process, and through the commands one line on stderr (`error: ...`) naming the field,
 a non-zero exit status and no traceback."""
 
@@ -13,10 +13,10 @@ import jax
 import pytest
 import tensorflow_datasets as tfds
 
-from attn import config_lib, configuration
-from attn import train as train_lib
+from attn import configs
 from attn.data import datasets
 from attn.errors import ConfigError
+from attn.training import loop
 from tests.test_configs import ALL, load
 from tests.toy import l10n
 
@@ -25,14 +25,14 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 def tiny(**fields):
     """configs/l10n.py:size=tiny with dotted `fields` set."""
-    return config_lib.set_fields(l10n.get_config('size=tiny'), fields)
+    return configs.set_fields(l10n.get_config('size=tiny'), fields)
 
 
 @pytest.mark.parametrize('name,arg', ALL, ids=[f'{n}:{a}' for n, a in ALL])
 def test_every_config_validates(name, arg):
     config = load(name, arg)
-    configuration.validate(config)  # this session's devices
-    configuration.validate(config, devices=8)  # an 8-GPU host
+    configs.validate(config)  # this session's devices
+    configs.validate(config, devices=8)  # an 8-GPU host
 
 
 @pytest.mark.parametrize(
@@ -70,25 +70,25 @@ def test_every_config_validates(name, arg):
 )
 def test_validate_names_the_field_and_the_fix(fields, match):
     with pytest.raises(ConfigError, match=match):
-        configuration.validate(tiny(**fields))
+        configs.validate(tiny(**fields))
 
 
 def test_validate_checks_the_batch_against_the_devices():
     """One row of max_length per device, the condition `pipeline.batch_rows` raises on."""
     config = tiny(**{'data.tokens_per_batch': 64, 'data.max_length': 32})  # 2 rows
-    configuration.validate(config, devices=2)
+    configs.validate(config, devices=2)
     with pytest.raises(ConfigError, match=r'tokens_per_batch=64 fills 2.00 rows of config.data'):
-        configuration.validate(config, devices=4)
+        configs.validate(config, devices=4)
     with pytest.raises(ConfigError, match=r'per device \(4 devices\): raise .* at least 128, or'):
-        configuration.validate(config, devices=4)
+        configs.validate(config, devices=4)
     if jax.device_count() > 1:  # default: this session's devices
         config.data.tokens_per_batch = 32
         with pytest.raises(ConfigError, match=rf'\({jax.device_count()} devices\)'):
-            configuration.validate(config)
+            configs.validate(config)
 
 
 def test_keep_checkpoints_none_keeps_every_checkpoint():
-    configuration.validate(tiny(keep_checkpoints=None))
+    configs.validate(tiny(keep_checkpoints=None))
 
 
 @pytest.mark.parametrize(
@@ -133,7 +133,7 @@ def test_unknown_split_names_the_available_ones(dummy_dataset):
 
 
 def _nan_message(tmp_path, **known) -> str:
-    reporter = train_lib._Reporter(str(tmp_path), 0, 10, lambda step: 1e-3, **known)
+    reporter = loop.Reporter(str(tmp_path), 0, 10, lambda step: 1e-3, **known)
     reporter.add(1, {'loss': 1.0})
     reporter.add(2, {'loss': math.nan})
     with pytest.raises(FloatingPointError, match='Non-finite training loss') as raised:

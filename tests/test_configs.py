@@ -5,13 +5,14 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from attn import config_lib, configuration, decode
+from attn import configs
+from attn.inference import batching
 from attn.model import build_model
-from attn.model_config import ModelConfig
+from attn.model.config import ModelConfig
 from attn.summary import summarize
 from tests.toy import CONFIGS
 
-table3 = config_lib.load_module(CONFIGS / 'table3.py')
+table3 = configs.load_module(CONFIGS / 'table3.py')
 
 # Every config file with the argument variants it documents.
 VARIANTS = {
@@ -26,7 +27,7 @@ ALL = [(name, arg) for name, args in VARIANTS.items() for arg in args]
 
 
 def load(name, arg):
-    return config_lib.load(CONFIGS / f'{name}.py', arg)
+    return configs.load(CONFIGS / f'{name}.py', arg)
 
 
 def test_every_config_file_is_covered():
@@ -38,7 +39,7 @@ def test_every_config_file_is_covered():
 @pytest.mark.parametrize('name,arg', ALL, ids=[f'{n}:{a}' for n, a in ALL])
 def test_config_builds_with_right_shapes(name, arg):
     config = load(name, arg)
-    cfg = configuration.model_config(config)
+    cfg = configs.model_config(config)
     model = nnx.eval_shape(lambda: build_model(config.model_kind, cfg))
     B, S, T = 2, 11, 7
     src = jax.ShapeDtypeStruct((B, S), jnp.int32)
@@ -77,7 +78,7 @@ def test_learned_positions_cover_training_and_decoding():
     for arg in ('row=E', 'row=E,dataset=l10n', 'row=E,runlocal'):
         config = load('table3', arg)
         assert config.model.positions == 'learned'
-        longest = decode._bucket(config.data.max_length) + config.decode.max_extra_length
+        longest = batching.bucket(config.data.max_length) + config.decode.max_extra_length
         assert max(config.data.max_length, longest) <= config.model.max_len, arg
 
 
@@ -85,9 +86,9 @@ def test_table3_rows_change_what_the_paper_says():
     base = load('table3', 'row=base')
     assert (base.model.num_layers, base.model.emb_dim, base.model.mlp_dim) == (6, 512, 2048)
     assert (base.model.num_heads, base.model.dropout_rate, base.label_smoothing) == (8, 0.1, 0.1)
-    b1 = configuration.model_config(load('table3', 'row=B1'))
+    b1 = configs.model_config(load('table3', 'row=B1'))
     assert (b1.head_qk_dim, b1.head_v_dim) == (16, 64)  # row B changes d_k alone
-    a4 = configuration.model_config(load('table3', 'row=A4'))
+    a4 = configs.model_config(load('table3', 'row=A4'))
     assert (a4.num_heads, a4.head_qk_dim, a4.head_v_dim) == (32, 16, 16)
     assert load('table3', 'row=D4').label_smoothing == 0.2
     assert load('table3', 'row=E').model.positions == 'learned'
@@ -100,10 +101,10 @@ def test_small_scale_table3_keeps_each_rows_relation_to_base():
     small = {row: load('table3', f'row={row},dataset=l10n') for row in ('base', 'B1', 'C5', 'D3')}
     assert small['base'].data.name == 'l10n_translate' and small['base'].total_steps == 600
     assert all(config.model.pre_ln for config in small.values())
-    base = configuration.model_config(small['base'])
+    base = configs.model_config(small['base'])
     assert (base.emb_dim, base.mlp_dim, base.num_heads, base.head_qk_dim) == (128, 512, 8, 16)
-    assert configuration.model_config(small['B1']).head_qk_dim == 4  # 16 / 4
-    assert configuration.model_config(small['C5']).emb_dim == 256  # 1024 / 4
+    assert configs.model_config(small['B1']).head_qk_dim == 4  # 16 / 4
+    assert configs.model_config(small['C5']).emb_dim == 256  # 1024 / 4
     assert small['D3'].label_smoothing == 0.0
 
 
@@ -126,7 +127,7 @@ def test_table3_parameter_differences_match_the_paper():
 def test_config_overrides_are_typed_and_locked():
     config = load('table3', 'row=base')
     config.model.qk_dim = 32  # placeholder accepts an int
-    assert configuration.model_config(config).head_qk_dim == 32
+    assert configs.model_config(config).head_qk_dim == 32
     config.data.vocab_size = 8000  # one vocabulary size for tokenizer and model
     assert config.model.vocab_size == 8000
     with pytest.raises(AttributeError, match='num_heads'):
@@ -184,7 +185,7 @@ def test_bad_config_argument_raises(name, arg, match):
 
 
 def test_parse_arg_types():
-    arg = config_lib.parse_arg(
+    arg = configs.parse_arg(
         'steps=5,runlocal,scale=0.5,name=x', steps=1, runlocal=False, scale=1.0, name=''
     )
     assert (arg.steps, arg.runlocal, arg.scale, arg.name) == (5, True, 0.5, 'x')

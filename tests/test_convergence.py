@@ -1,12 +1,14 @@
-"""The model learns: a tiny Transformer trained by `attn.step` reverses short sequences,
-decoded greedily by `attn.decode`. A wrong gradient, mask or schedule fails it."""
+"""The model learns: a tiny Transformer trained by `attn.training.step` reverses short sequences,
+decoded greedily by `attn.decoding`. A wrong gradient, mask or schedule fails it."""
 
 import jax
 import numpy as np
 from flax import nnx
 
-from attn import config_lib, configuration, decode, sharding, step
-from attn.tokens import EOS_ID, NUM_SPECIAL_TOKENS
+from attn import configs
+from attn.decoding import search as decode
+from attn.model.tokens import EOS_ID, NUM_SPECIAL_TOKENS
+from attn.training import sharding, step
 from tests.toy import l10n
 
 SYMBOLS = 8  # token ids NUM_SPECIAL_TOKENS .. NUM_SPECIAL_TOKENS + 7
@@ -29,7 +31,7 @@ def reversal_batch(rng: np.random.Generator, rows: int) -> dict[str, np.ndarray]
 def test_a_tiny_transformer_learns_to_reverse_sequences():
     # configs/l10n.py:size=tiny (2+2 layers, d_model 32) on the toy task, without dropout
     # or label smoothing, on the paper's schedule peaking at 1.25e-2 after 50 steps.
-    config = config_lib.set_fields(
+    config = configs.set_fields(
         l10n.get_config('size=tiny'),
         {
             'data.vocab_size': NUM_SPECIAL_TOKENS + SYMBOLS,
@@ -40,12 +42,12 @@ def test_a_tiny_transformer_learns_to_reverse_sequences():
         },
     )
     mesh = sharding.make_mesh()
-    run = step.setup(config, configuration.model_config(config), mesh)
+    run = step.setup(config, configs.model_config(config), mesh)
     state, rng = run.state, np.random.default_rng(0)
     for _ in range(STEPS):
         batch = sharding.global_batch(mesh, reversal_batch(rng, 32))
         state, metrics = run.train(state, batch, run.rng)
-        jax.block_until_ready(metrics)  # queued steps can hang XLA:CPU (train._Reporter.add)
+        jax.block_until_ready(metrics)  # queued steps can hang XLA:CPU (loop.Reporter.add)
     model = nnx.merge(run.graphdef, state.params, run.rest)
     held_out = reversal_batch(np.random.default_rng(1), 64)
     # Greedy decoding feeds back its own tokens: a decoder that saw the future in training

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from attn import config_lib
+from attn import configs
 from attn import prepare as prepare_lib
 from attn.data import datasets
 from tests import toy
@@ -24,7 +24,7 @@ def _offline(monkeypatch, reachable=False):
 @pytest.mark.parametrize('file,arg', [('wmt14.py', None), ('lm.py', 'dataset=lm1b')])
 def test_unprepared_dataset_fails_fast_with_instructions(file, arg, tmp_path, monkeypatch):
     _offline(monkeypatch)
-    config = config_lib.load(CONFIGS / file, arg)
+    config = configs.load(CONFIGS / file, arg)
     config.data.data_dir = str(tmp_path)
     for prepare in (False, True):
         start = time.monotonic()
@@ -81,7 +81,7 @@ def test_wmt14_prepared_by_tfds_own_builder_is_found_and_read(tmp_path, monkeypa
 
     monkeypatch.setattr(tfds.download.DownloadManager, 'download_and_extract', extracted)
     monkeypatch.setattr(tfds.download.DownloadManager, 'extract', extracted)
-    config = config_lib.load(CONFIGS / 'wmt14.py')
+    config = configs.load(CONFIGS / 'wmt14.py')
     config.data.data_dir = str(tmp_path / 'data')
     config.data.vocab_size = toy.VOCAB_SIZE
     config.data.tokens_per_batch = 256
@@ -112,7 +112,7 @@ def test_a_truncated_record_file_is_named_before_anything_runs(fixture_corpus, t
     shutil.copytree(fixture_corpus, data_dir)
     (train,) = data_dir.glob('l10n_translate/en-de/*/l10n_translate-train.array_record*')
     train.write_bytes(train.read_bytes()[: train.stat().st_size // 2])
-    config = config_lib.load(CONFIGS / 'l10n.py', 'size=tiny')
+    config = configs.load(CONFIGS / 'l10n.py', 'size=tiny')
     config.data.data_dir = str(data_dir)
     with pytest.raises(datasets.DataError, match=r"of the 'train' split .* damaged or truncated"):
         datasets.load(config)

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attn import decode
-from attn.configuration import ModelConfig
+from attn.configs import ModelConfig
+from attn.decoding import search as decode
+from attn.inference import batching
 from attn.model import LanguageModel, Transformer, shift_right
-from attn.tokens import BOS_ID, EOS_ID, PAD_ID
+from attn.model.tokens import BOS_ID, EOS_ID, PAD_ID
 
 # Untied output and strong learned positions: a random tiny model whose outputs change
 # token to token and sometimes end in EOS (tied ones mostly repeat their input token).
@@ -348,13 +349,13 @@ def test_top_k_samples_only_the_k_best(lm):
 
 @pytest.mark.parametrize('beam_size', [1, 3])
 def test_translate_pads_batches_without_changing_results(model, beam_size):
-    """decode.translate buckets shapes (3 x 6 -> 4 x 8); the sentences come out the same."""
+    """batching.translate buckets shapes (3 x 6 -> 4 x 8); the sentences come out the same."""
     if beam_size == 1:
         direct = np.asarray(decode.greedy_search(model, INPUTS, max_extra_length=5))
     else:
         direct, _ = decode.beam_search(model, INPUTS, beam_size=3, max_extra_length=5)
         direct = np.asarray(direct)
-    padded = decode.translate(model, INPUTS, beam_size=beam_size, max_extra_length=5)
+    padded = batching.translate(model, INPUTS, beam_size=beam_size, max_extra_length=5)
     assert padded.shape[0] == 3
     width = max(direct.shape[1], padded.shape[1])
 
@@ -367,12 +368,12 @@ def test_translate_pads_batches_without_changing_results(model, beam_size):
 def test_translate_nbest_lists_the_beam_best_first_with_the_one_best_first(model):
     """--nbest=K: the first of the K is translate's 1-best output (the same padding), the
     scores fall, and a list longer than the beam is refused."""
-    best = decode.translate(model, INPUTS, beam_size=4, max_extra_length=5)
-    nbest = decode.translate(model, INPUTS, beam_size=4, max_extra_length=5, nbest=3)
+    best = batching.translate(model, INPUTS, beam_size=4, max_extra_length=5)
+    nbest = batching.translate(model, INPUTS, beam_size=4, max_extra_length=5, nbest=3)
     assert nbest.tokens.shape[:2] == (3, 3) and nbest.logprobs.shape == (3, 3)
     np.testing.assert_array_equal(nbest.tokens[:, 0], best)
     assert np.all(np.diff(nbest.scores, axis=1) <= 0) and np.isfinite(nbest.scores).all()
     assert all(len({tuple(row) for row in beams}) == 3 for beams in nbest.tokens)
     for bad in ({'beam_size': 4, 'nbest': 5}, {'beam_size': 1, 'nbest': 1}):
         with pytest.raises(decode.SearchError, match='--beam_size >='):
-            decode.translate(model, INPUTS, max_extra_length=5, **bad)
+            batching.translate(model, INPUTS, max_extra_length=5, **bad)

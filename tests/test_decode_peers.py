@@ -20,10 +20,10 @@ CODE = f"""
 import json
 import numpy as np
 import decode_peers as dp, speed
-from attn import config_lib
-from attn.tokens import BOS_ID, EOS_ID, PAD_ID
+from attn import configs
+from attn.model.tokens import BOS_ID, EOS_ID, PAD_ID
 
-config = config_lib.set_fields(config_lib.base_config('tiny'), {{
+config = configs.set_fields(configs.base_config('tiny'), {{
     'data.vocab_size': 64, 'model.vocab_size': 64, 'model.num_layers': 1,
     'model.dropout_rate': 0.0}})
 peers = dp.Peers(config, threads=1)

@@ -6,9 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from attn import evaluate, restore, translate
+from attn import rundir
 from attn.data import datasets
 from attn.errors import UserError
+from attn.inference import evaluation, text
 from tests import toy
 
 
@@ -22,16 +23,18 @@ def test_evaluate_scores_the_averaged_models_translations_against_the_target_sid
     (sacreBLEU and paper-style): so evaluate decodes with that model and beam, in order,
     against the target side; and its speed is those translations' tokens over its time."""
     workdir, data = trained
-    run = restore.load(workdir, average_last=2)
+    run = rundir.load(workdir, average_last=2)
     alpha = run.config.decode.alpha
     test = data.splits['test']
-    hypotheses, generated, _ = evaluate.translate_split(
+    hypotheses, generated, _ = evaluation.translate_split(
         run.model, run.config, data, 'test', beam_size=2, alpha=alpha, mesh=run.mesh
     )
     # Each example's German side replaced by its translation.
     oracle = [{'en': x['en'], 'de': h.encode()} for x, h in zip(test, hypotheses, strict=True)]
     oracle_data = datasets.Data(data.tokenizer, data.features, {'test': oracle})
-    report = evaluate.evaluate(workdir, split='test', average_last=2, beam_size=2, data=oracle_data)
+    report = evaluation.evaluate(
+        workdir, split='test', average_last=2, beam_size=2, data=oracle_data
+    )
     assert report['examples'] == 24 and report['checkpoint_steps'] == [3, 6]
     assert report['sacrebleu']['bleu'] == pytest.approx(100.0)
     assert 'tok:13a' in report['sacrebleu']['signature']
@@ -50,14 +53,14 @@ def test_evaluate_scores_the_averaged_models_translations_against_the_target_sid
 
 def test_every_example_is_translated_in_order(trained):
     workdir, data = trained
-    run = restore.load(workdir)
-    hypotheses, generated, _ = evaluate.translate_split(
+    run = rundir.load(workdir)
+    hypotheses, generated, _ = evaluation.translate_split(
         run.model, run.config, data, 'test', beam_size=1, alpha=0.6, mesh=run.mesh
     )
     assert len(hypotheses) == len(data.splits['test']) and generated >= len(hypotheses)
-    first = translate.encode_batch([data.splits['test'][0]['en'].decode()], data.tokenizer, 64, 1)
+    first = text.encode_batch([data.splits['test'][0]['en'].decode()], data.tokenizer, 64, 1)
     alone = list(
-        translate.translate_lines(
+        text.translate_lines(
             run,
             data.tokenizer,
             [data.splits['test'][0]['en'].decode()],
@@ -72,21 +75,21 @@ def test_every_example_is_translated_in_order(trained):
 
 def test_translate_keeps_empty_lines_and_cuts_long_ones(trained, caplog):
     workdir, data = trained
-    run = restore.load(workdir)
+    run = rundir.load(workdir)
     lines = ['the cat sees the dog', '', '   ', ' '.join(['the red house'] * 40)]
     out = list(
-        translate.translate_lines(
+        text.translate_lines(
             run, data.tokenizer, lines, batch_size=3, beam_size=2, alpha=0.6, max_input_tokens=16
         )
     )
     assert len(out) == 4 and out[1] == '' and out[2] == ''
     assert 'Line 4 has' in caplog.text and '--max_input_tokens' in caplog.text
-    cut = translate.encode_batch([lines[3]], data.tokenizer, 16, 4)
+    cut = text.encode_batch([lines[3]], data.tokenizer, 16, 4)
     assert cut.shape == (1, 16) and cut[0, -1] == 3  # EOS kept at the cut
 
 
 def test_invalid_utf8_names_the_line():
-    lines = translate.read_lines([b'fine\n', b'also fine\r\n', b'bad \xff byte\n'])
+    lines = text.read_lines([b'fine\n', b'also fine\r\n', b'bad \xff byte\n'])
     assert next(lines) == 'fine' and next(lines) == 'also fine'
     with pytest.raises(UserError, match='Input line 3 is not valid UTF-8'):
         next(lines)
@@ -95,18 +98,18 @@ def test_invalid_utf8_names_the_line():
 def test_language_model_prompts_are_continued(tmp_path):
     from flax import nnx
 
-    from attn import configuration
+    from attn import configs
     from attn.model import LanguageModel
 
     config = toy.config()
     config.model_kind = 'lm'
     data = toy.data(tmp_path)
-    model = LanguageModel(configuration.model_config(config), rngs=nnx.Rngs(0))
-    run = restore.Run(config=config, model=model, steps=[0])
+    model = LanguageModel(configs.model_config(config), rngs=nnx.Rngs(0))
+    run = rundir.Run(config=config, model=model, steps=[0])
     prompts = ['the cat', 'a big red dog sees']
 
     def sampled(seed):
-        return translate.continue_prompts(
+        return text.continue_prompts(
             run,
             data.tokenizer,
             prompts,
@@ -127,11 +130,11 @@ def test_nbest_lists_start_with_the_one_best_and_fall(trained):
     reported translation; translate --nbest=2 gives one JSON object per line, empty lines
     included; a list longer than the beam is refused before any work."""
     workdir, data = trained
-    report = evaluate.evaluate(workdir, split='test', beam_size=3, nbest=3, data=data)
+    report = evaluation.evaluate(workdir, split='test', beam_size=3, nbest=3, data=data)
     with open(os.path.join(workdir, report['nbest']['file']), encoding='utf-8') as f:
         lists = [json.loads(line) for line in f]
-    run = restore.load(workdir)
-    best, _, _ = evaluate.translate_split(
+    run = rundir.load(workdir)
+    best, _, _ = evaluation.translate_split(
         run.model, run.config, data, 'test', beam_size=3, alpha=0.6, mesh=run.mesh
     )
     assert [x['index'] for x in lists] == list(range(len(data.splits['test'])))
@@ -143,10 +146,9 @@ def test_nbest_lists_start_with_the_one_best_and_fall(trained):
     lines = [data.splits['test'][0]['en'].decode(), '']
     settings = {'batch_size': 4, 'beam_size': 3, 'alpha': 0.6, 'max_input_tokens': 64}
     out = [
-        json.loads(x)
-        for x in translate.translate_lines(run, data.tokenizer, lines, nbest=2, **settings)
+        json.loads(x) for x in text.translate_lines(run, data.tokenizer, lines, nbest=2, **settings)
     ]
     assert [x['source'] for x in out] == lines and out[1]['nbest'] == []
     assert out[0]['nbest'][0]['translation'] == best[0] and len(out[0]['nbest']) == 2
     with pytest.raises(UserError, match='--beam_size >= 5'):
-        evaluate.evaluate(workdir, split='test', beam_size=4, nbest=5, data=data)
+        evaluation.evaluate(workdir, split='test', beam_size=4, nbest=5, data=data)

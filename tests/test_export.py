@@ -17,8 +17,9 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import config_dict  # noqa: E402
 
-from attn import config_lib, decode, export, restore  # noqa: E402
-from attn.tokens import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
+from attn import configs, export, rundir  # noqa: E402
+from attn.inference import batching  # noqa: E402
+from attn.model.tokens import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
 
 SENTENCES = 16  # of the toy test split
 EXTRA = 8  # decode.max_extra_length here: the toy model's outputs often run to the limit
@@ -28,7 +29,7 @@ EXTRA = 8  # decode.max_extra_length here: the toy model's outputs often run to 
 def exported(toy_run, tmp_path_factory):
     """(run, data, hf directory, ct2 directory) of the toy run exported as both."""
     workdir, data = toy_run
-    run = restore.load(workdir)
+    run = rundir.load(workdir)
     out = str(tmp_path_factory.mktemp('export') / 'toy')
     hf, ct2 = export.export(run, data.tokenizer, out, workdir=workdir, format='both')
     return run, data, hf, ct2
@@ -56,7 +57,7 @@ def _until_eos(row) -> list[int]:
 
 
 def _attn_search(run, rows, beam_size, alpha):
-    out = decode.translate(
+    out = batching.translate(
         run.model, _padded(rows), beam_size=beam_size, alpha=alpha, max_extra_length=EXTRA
     )
     return [_until_eos(r) for r in out]
@@ -235,8 +236,8 @@ def test_exported_tokenizer_gives_attn_ids(exported):
 )
 def test_unexportable_configs_are_refused_before_writing(toy_run, tmp_path, fields, named):
     workdir, data = toy_run
-    config = config_lib.set_fields(config_dict.ConfigDict(toy_config(workdir)), fields)
-    run = restore.Run(config=config, model=None, steps=[6])
+    config = configs.set_fields(config_dict.ConfigDict(toy_config(workdir)), fields)
+    run = rundir.Run(config=config, model=None, steps=[6])
     out = tmp_path / 'out'
     with pytest.raises(export.ExportError) as refused:
         export.export(run, data.tokenizer, str(out), workdir=workdir, format='both')
@@ -253,7 +254,7 @@ def test_a_non_empty_out_is_refused(exported, tmp_path):
 
 
 def toy_config(workdir) -> dict:
-    ckpt = restore.open_checkpoints(workdir)
+    ckpt = rundir.open_checkpoints(workdir)
     try:
         return ckpt.restore_config()
     finally:

@@ -17,10 +17,11 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from attn import checkpoint, config_lib, sharding, step
+from attn import configs
 from attn.errors import ConfigError
 from attn.model import build_model
-from attn.model_config import ModelConfig
+from attn.model.config import ModelConfig
+from attn.training import checkpoint, sharding, step
 from tests import multidevice_losses, toy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +67,7 @@ def test_state_shardings_keep_the_train_state_structure():
     """A TrainState (nnx.State of params, Adam moments, step count) as ShapeDtypeStructs:
     each moment is split like its parameter, the counts are replicated."""
     cfg = ModelConfig(vocab_size=32, num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32)
-    tx = step.make_optimizer(config_lib.base_config('tiny').optimizer, cfg.emb_dim)
+    tx = step.make_optimizer(configs.base_config('tiny').optimizer, cfg.emb_dim)
     abstract = jax.eval_shape(lambda: step.init_state(build_model('transformer', cfg), tx)[2])
     shardings = sharding.state_shardings(abstract, _two_devices(), 'fsdp')
     assert jax.tree.structure(shardings) == jax.tree.structure(abstract)

@@ -8,11 +8,12 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from attn import generation, restore
-from attn.configuration import ModelConfig
+from attn import rundir
+from attn.analysis import generation
+from attn.configs import ModelConfig
 from attn.errors import UserError
 from attn.model import LanguageModel
-from attn.tokens import EOS_ID
+from attn.model.tokens import EOS_ID
 from tests import toy
 
 CFG = ModelConfig(
@@ -39,7 +40,7 @@ def test_language_model_view_covers_only_earlier_tokens():
 
 def test_translation_view_is_over_the_source(toy_run, tmp_path):
     workdir, data = toy_run
-    run = restore.load(workdir)
+    run = rundir.load(workdir)
     view = generation.generate(run, data.tokenizer, 'the cat sees the dog')
     source = data.tokenizer.encode('the cat sees the dog')
     assert view.kind == 'cross_attention' and list(view.keys) == source
@@ -57,4 +58,4 @@ def test_translation_view_is_over_the_source(toy_run, tmp_path):
 def test_an_empty_prompt_is_refused(toy_run):
     workdir, data = toy_run
     with pytest.raises(UserError, match='--prompt is empty'):
-        generation.generate(restore.load(workdir), data.tokenizer, '  ')
+        generation.generate(rundir.load(workdir), data.tokenizer, '  ')

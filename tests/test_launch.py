@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from attn import config_lib
+from attn import configs
 
 ROOT = pathlib.Path(__file__).parent.parent
 SCRIPTS = sorted(p for p in (ROOT / 'launch').iterdir() if p.suffix in ('.sh', '.sbatch')) + [
@@ -136,7 +136,7 @@ def test_slurm_job_without_eval_split_only_trains(tmp_path):
 def _finished_run(workdir, config_arg, perplexity, bleu):
     """A workdir as a finished small-scale Table 3 run leaves it."""
     (workdir / 'eval').mkdir(parents=True)
-    config = config_lib.load(ROOT / 'configs' / 'table3.py', config_arg)
+    config = configs.load(ROOT / 'configs' / 'table3.py', config_arg)
     (workdir / 'config.json').write_text(config.to_json())
     (workdir / 'metrics.jsonl').write_text(
         '{"step": 25, "time": 1000.0, "loss": 5.0}\n{"step": 600, "time": 1600.0, "loss": 3.0}\n'

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attn import attention, layers
+from attn.model import attention, layers
 from tests.test_attention import numpy_attention
 
 

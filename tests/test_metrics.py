@@ -2,7 +2,7 @@
 
 import json
 
-from attn import metrics
+from attn.training import metrics
 
 
 def _rows(workdir) -> list[dict]:

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attn import attention, decode
-from attn.configuration import ModelConfig
+from attn.configs import ModelConfig
 from attn.errors import ConfigError
-from attn.model import LanguageModel, Transformer, shift_right
-from attn.tokens import BOS_ID, PAD_ID
+from attn.inference import batching
+from attn.model import LanguageModel, Transformer, attention, shift_right
+from attn.model.tokens import BOS_ID, PAD_ID
 from tests.test_layers import numpy_layer_norm, numpy_mha
 
 TINY = ModelConfig(
@@ -335,11 +335,11 @@ def test_learned_positions_bound_decoding():
     """Translation caches the source padded to a power of two plus max_extra_length."""
     model = transformer(positions='learned', max_len=16, dropout_rate=0.0)
     inputs = np.array([[5, 6, 7, 8, 3]], np.int32)  # padded to width 8
-    tokens = decode.translate(model, inputs, beam_size=1, max_extra_length=8)  # 8 + 8 = 16
+    tokens = batching.translate(model, inputs, beam_size=1, max_extra_length=8)  # 8 + 8 = 16
     assert tokens.shape == (1, 16)
     for beam_size in (1, 2):
         with pytest.raises(ConfigError, match=r'decoding caches 17 positions.*max_extra_length'):
-            decode.translate(model, inputs, beam_size=beam_size, max_extra_length=9)
+            batching.translate(model, inputs, beam_size=beam_size, max_extra_length=9)
 
 
 # ------------------------------------------------------------------------ dropout

@@ -7,7 +7,7 @@ import pytest
 
 from attn.data import pipeline
 from attn.data import tokenizer as tokenizer_lib
-from attn.tokens import EOS_ID, PAD_ID
+from attn.model.tokens import EOS_ID, PAD_ID
 
 EN = 'the a house garden small green water bread child school street city big old new red'.split()
 DE = 'das ein Haus Garten klein grün Wasser Brot Kind Schule Straße Stadt groß alt neu rot'.split()

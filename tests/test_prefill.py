@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attn import attention, decode, layers
-from attn.model import LanguageModel, shift_right
-from attn.tokens import BOS_ID, PAD_ID
+from attn.decoding import search as decode
+from attn.model import LanguageModel, attention, layers, shift_right
+from attn.model.tokens import BOS_ID, PAD_ID
 from tests import test_decode
 
 # test_decode's tiny model (untied output, strong learned positions) with 32 tokens: its

@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from attn import config_lib
+from attn import configs
 from experiments.reference_window import study, task
 from tests.toy import CONFIGS
 
@@ -53,14 +53,14 @@ def test_distances_outside_the_row_are_refused():
 
 @pytest.mark.parametrize('arg', ['size=tiny', 'size=small', 'kind=marker'])
 def test_recurrent_models_match_the_transformers_parameters(arg):
-    config = config_lib.load(CONFIGS / 'reference_window.py', arg)
+    config = configs.load(CONFIGS / 'reference_window.py', arg)
     counts = {name: study.build(name, config)[1]['params'] for name in config.models}
     for name in ('rnn', 'gru', 'lstm'):
         assert abs(counts[name] - counts['transformer']) <= 0.1 * counts['transformer'], counts
 
 
 def test_a_tiny_study_writes_its_report_and_plot(tmp_path):
-    config = config_lib.load(CONFIGS / 'reference_window.py', 'size=tiny')
+    config = configs.load(CONFIGS / 'reference_window.py', 'size=tiny')
     results = study.run_study(config, str(tmp_path))
     assert set(results) == {'transformer', 'rnn', 'gru', 'lstm'}
     assert {'report.md', 'accuracy.png', 'results.json'} <= set(os.listdir(tmp_path))
@@ -85,7 +85,7 @@ class _Peek(nnx.Module):
 
 @pytest.mark.parametrize('kind', task.KINDS)
 def test_accuracy_is_the_share_of_answers_predicted(kind):
-    config = config_lib.load(CONFIGS / 'reference_window.py', f'size=tiny,kind={kind}')
+    config = configs.load(CONFIGS / 'reference_window.py', f'size=tiny,kind={kind}')
     vocab = study.model_config(config).vocab_size
     grid = task.evaluation_grid(config.task.max_k)
     assert study.accuracy_by_distance(_Peek(vocab, 0), config) == {k: 1.0 for k in grid}
@@ -93,10 +93,10 @@ def test_accuracy_is_the_share_of_answers_predicted(kind):
 
 
 def test_the_study_trains_on_the_answers_loss_alone():
-    """`attn.step` trains the study's models on the answer alone: the loss it reports for
+    """`attn.training.step` trains the study's models on the answer alone: the loss it reports for
     the first batch is the initial model's cross entropy of each row's last token (the
     GRU's: the batch's weights, not the model, make it so)."""
-    config = config_lib.load(CONFIGS / 'reference_window.py', 'size=tiny')
+    config = configs.load(CONFIGS / 'reference_window.py', 'size=tiny')
     config.steps = 1
     model, _ = study.build('gru', config)
     rows = task.training_examples(config.batch_size, seed=config.seed + 1, **config.task)

@@ -8,9 +8,10 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from attn import checkpoint, restore, step
+from attn import rundir
 from attn.model import build_model
-from attn.model_config import ModelConfig
+from attn.model.config import ModelConfig
+from attn.training import checkpoint, step
 from tests import toy
 
 
@@ -28,7 +29,7 @@ def model_params(model) -> dict[str, np.ndarray]:
 
 
 def test_restore_gives_the_saved_parameters(trained):
-    run = restore.load(trained)
+    run = rundir.load(trained)
     assert run.steps == [6] and run.config.model.emb_dim == 32
     saved, restored = saved_params(trained, 6), model_params(run.model)
     assert saved.keys() == restored.keys()
@@ -37,7 +38,7 @@ def test_restore_gives_the_saved_parameters(trained):
 
 
 def test_averaging_two_checkpoints_gives_their_mean(trained):
-    run = restore.load(trained, average_last=2)
+    run = rundir.load(trained, average_last=2)
     assert run.steps == [3, 6]
     first, last, averaged = (
         saved_params(trained, 3),
@@ -53,9 +54,9 @@ def test_averaging_two_checkpoints_gives_their_mean(trained):
 
 def test_restore_errors_name_the_fix(tmp_path, trained):
     with pytest.raises(checkpoint.CheckpointError, match='train first'):
-        restore.load(str(tmp_path))
+        rundir.load(str(tmp_path))
     with pytest.raises(checkpoint.CheckpointError, match=r'there are \[3, 6\]'):
-        restore.load(trained, step=4)
+        rundir.load(trained, step=4)
 
 
 def test_averaging_holds_the_running_sum_and_one_checkpoint_at_a_time():
@@ -72,7 +73,7 @@ def test_averaging_holds_the_running_sum_and_one_checkpoint_at_a_time():
         alive.append(weakref.ref(tree['w']))
         return tree
 
-    mean = restore.running_mean(restore_one, [1, 2, 3, 4, 5, 6, 7, 8])
+    mean = rundir.running_mean(restore_one, [1, 2, 3, 4, 5, 6, 7, 8])
     np.testing.assert_array_equal(mean['w'], np.full((4, 4), 4.5))
     np.testing.assert_array_equal(mean['b'], np.full((4,), 9.0))
 
@@ -80,10 +81,10 @@ def test_averaging_holds_the_running_sum_and_one_checkpoint_at_a_time():
 def test_reading_a_mistyped_workdir_creates_nothing(tmp_path):
     missing = tmp_path / 'no-such-run'
     with pytest.raises(checkpoint.CheckpointError, match='does not exist'):
-        restore.load(str(missing))
+        rundir.load(str(missing))
     assert not missing.exists()
     with pytest.raises(checkpoint.CheckpointError, match='average_last=0'):
-        restore.select_steps([3, 6], None, 0)
+        rundir.select_steps([3, 6], None, 0)
 
 
 def _save_as_before(directory, state, data_iterator, config: dict) -> None:

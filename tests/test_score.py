@@ -11,11 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from attn import decode, evaluate, restore, score, translate
+from attn import rundir
 from attn.data import datasets
+from attn.decoding import search as decode
 from attn.errors import UserError
+from attn.inference import evaluation, scoring, text
 from attn.model import shift_right
-from attn.tokens import BOS_ID, PAD_ID
+from attn.model.tokens import BOS_ID, PAD_ID
 from tests import toy
 
 # Per-token log-probs are float32 values of magnitude <~ 10 computed in a different order
@@ -29,11 +31,11 @@ SUM_TOL = 1e-3
 @pytest.fixture(scope='module')
 def trained(toy_run):
     workdir, data = toy_run
-    return restore.load(workdir), data
+    return rundir.load(workdir), data
 
 
 def _given(data, examples) -> datasets.Data:
-    return datasets.Data(data.tokenizer, data.features, {score.GIVEN: examples})
+    return datasets.Data(data.tokenizer, data.features, {scoring.GIVEN: examples})
 
 
 def test_the_score_of_greedy_output_is_the_sum_of_its_step_logprobs(trained):
@@ -41,8 +43,8 @@ def test_the_score_of_greedy_output_is_the_sum_of_its_step_logprobs(trained):
     `decode.forced_decode`, whose argmax over the tokens it may produce is checked to be
     the greedy choice) sum to the score of that output."""
     run, data = trained
-    lines = [evaluate.text(x['en']) for x in data.splits['test'][:4]]
-    inputs = translate.encode_batch(lines, data.tokenizer, 64, 1)  # [4, S]
+    lines = [datasets.text(x['en']) for x in data.splits['test'][:4]]
+    inputs = text.encode_batch(lines, data.tokenizer, 64, 1)  # [4, S]
     greedy = np.asarray(decode.greedy_search(run.model, inputs, max_extra_length=5))  # [4, L]
     steps = np.asarray(decode.forced_decode(run.model, inputs, shift_right(greedy)))  # [4, L, V]
     real = greedy != PAD_ID  # [4, L]
@@ -51,7 +53,7 @@ def test_the_score_of_greedy_output_is_the_sum_of_its_step_logprobs(trained):
     np.testing.assert_array_equal(np.where(real, choosable.argmax(-1), PAD_ID), greedy)
     step_logprobs = np.take_along_axis(jax.nn.log_softmax(steps), greedy[..., None], -1)[..., 0]
     want = (np.asarray(step_logprobs) * real).sum(axis=1)  # [4]
-    got = score.batch_logprobs(run, {'inputs': inputs, 'targets': greedy})  # [4, L]
+    got = scoring.batch_logprobs(run, {'inputs': inputs, 'targets': greedy})  # [4, L]
     np.testing.assert_allclose(got.sum(axis=1), want, atol=SUM_TOL)
     np.testing.assert_allclose(got, np.asarray(step_logprobs) * real, atol=TOKEN_TOL)
     assert (got[~real] == 0).all() and (got[real] < 0).all()
@@ -63,9 +65,11 @@ def test_scores_do_not_depend_on_the_batch_or_its_padding(trained):
     run, data = trained
     test = sorted(data.splits['test'], key=lambda x: len(x['de']))
     short, long = test[:3], test[-5:]
-    together = {r['target']: r for r in score.score_split(run, _given(data, long + short), 'given')}
+    together = {
+        r['target']: r for r in scoring.score_split(run, _given(data, long + short), 'given')
+    }
     for example in short:
-        [alone] = score.score_split(run, _given(data, [example]), score.GIVEN)
+        [alone] = scoring.score_split(run, _given(data, [example]), scoring.GIVEN)
         other = together[alone['target']]
         assert alone['tokens'] == other['tokens'] and alone['tokens'][-1] == '</s>'
         np.testing.assert_allclose(alone['token_logprobs'], other['token_logprobs'], atol=TOKEN_TOL)
@@ -75,12 +79,12 @@ def test_scores_do_not_depend_on_the_batch_or_its_padding(trained):
 
 def test_the_mean_token_logprob_of_a_split_is_minus_the_evaluation_nll(trained):
     run, data = trained
-    records = list(score.score_split(run, data, 'test'))
+    records = list(scoring.score_split(run, data, 'test'))
     assert [r['index'] for r in records] == list(range(len(data.splits['test'])))
-    assert records[0]['source'] == evaluate.text(data.splits['test'][0]['en'])
+    assert records[0]['source'] == datasets.text(data.splits['test'][0]['en'])
     tokens = sum(r['num_tokens'] for r in records)
     mean_nll = -sum(r['logprob'] for r in records) / tokens
-    assert mean_nll == pytest.approx(evaluate.perplexity(run, data, 'test')['nll'], rel=1e-5)
+    assert mean_nll == pytest.approx(evaluation.perplexity(run, data, 'test')['nll'], rel=1e-5)
 
 
 def _cli(workdir: str, *flags: str) -> subprocess.CompletedProcess:
@@ -102,12 +106,12 @@ def test_the_command_writes_json_lines_and_refuses_mismatched_files(toy_run, tra
     workdir, data = toy_run
     test = data.splits['test'][:3]
     source, target, out = tmp_path / 'en.txt', tmp_path / 'de.txt', tmp_path / 'scores.jsonl'
-    source.write_text(''.join(evaluate.text(x['en']) + '\n' for x in test))
-    target.write_text(''.join(evaluate.text(x['de']) + '\n' for x in test))
+    source.write_text(''.join(datasets.text(x['en']) + '\n' for x in test))
+    target.write_text(''.join(datasets.text(x['de']) + '\n' for x in test))
     done = _cli(workdir, f'--source={source}', f'--target={target}', f'--out={out}')
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    want = list(score.score_split(trained[0], data, 'test'))[:3]
+    want = list(scoring.score_split(trained[0], data, 'test'))[:3]
     assert [line['index'] for line in lines] == [0, 1, 2]
     for line, expected in zip(lines, want, strict=True):
         assert set(line) == {'index', 'source', 'target', 'tokens', 'token_logprobs', 'logprob',
@@ -128,14 +132,14 @@ def test_bad_file_arguments_are_one_line_user_errors(tmp_path):
     text = tmp_path / 'text.txt'
     text.write_text('ein hund\n')
     with pytest.raises(UserError, match='needs --source'):
-        score.given_examples(pair, None, str(text))
+        scoring.given_examples(pair, None, str(text))
     with pytest.raises(UserError, match='language model'):
-        score.given_examples(lm, str(text), str(text))
+        scoring.given_examples(lm, str(text), str(text))
     with pytest.raises(UserError, match=f'Cannot read {tmp_path}/missing.txt'):
-        score.given_examples(pair, str(tmp_path / 'missing.txt'), str(text))
+        scoring.given_examples(pair, str(tmp_path / 'missing.txt'), str(text))
     with pytest.raises(UserError, match='not both'):
-        score.open_data(None, 'test', None, str(text))
-    assert score.given_examples(lm, None, str(text)) == [{'de': 'ein hund'}]
+        scoring.open_data(None, 'test', None, str(text))
+    assert scoring.given_examples(lm, None, str(text)) == [{'de': 'ein hund'}]
 
 
 def test_a_language_model_scores_text_by_its_evaluation_loss(trained):
@@ -143,16 +147,17 @@ def test_a_language_model_scores_text_by_its_evaluation_loss(trained):
     step function, and on average the evaluation nll."""
     from flax import nnx
 
-    from attn import configuration, sharding
+    from attn import configs
     from attn.model import LanguageModel
+    from attn.training import sharding
 
     _, data = trained
     config = toy.config(model_kind='lm')
-    model = LanguageModel(configuration.model_config(config), rngs=nnx.Rngs(0))
-    run = restore.Run(config=config, model=model, steps=[0], mesh=sharding.make_mesh())
-    examples = [{'de': evaluate.text(x['de'])} for x in data.splits['test'][:4]]
-    lm_data = datasets.Data(data.tokenizer, ('de',), {score.GIVEN: examples})
-    records = list(score.score_split(run, lm_data, score.GIVEN))
+    model = LanguageModel(configs.model_config(config), rngs=nnx.Rngs(0))
+    run = rundir.Run(config=config, model=model, steps=[0], mesh=sharding.make_mesh())
+    examples = [{'de': datasets.text(x['de'])} for x in data.splits['test'][:4]]
+    lm_data = datasets.Data(data.tokenizer, ('de',), {scoring.GIVEN: examples})
+    records = list(scoring.score_split(run, lm_data, scoring.GIVEN))
     assert 'source' not in records[0] and records[0]['target'] == examples[0]['de']
     ids = [data.tokenizer.encode(x['de']) for x in examples]
     width = max(len(row) for row in ids)
@@ -164,5 +169,5 @@ def test_a_language_model_scores_text_by_its_evaluation_loss(trained):
             record['token_logprobs'], row[: record['num_tokens']], atol=TOKEN_TOL
         )
     mean_nll = -sum(r['logprob'] for r in records) / sum(r['num_tokens'] for r in records)
-    nll = evaluate.perplexity(run, lm_data, score.GIVEN)['nll']
+    nll = evaluation.perplexity(run, lm_data, scoring.GIVEN)['nll']
     assert mean_nll == pytest.approx(nll, rel=1e-5)

@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from attn import config_lib, configuration, sharding, step, train
+from attn import configs
 from attn.errors import ConfigError
-from attn.model_config import ModelConfig
+from attn.model.config import ModelConfig
+from attn.training import loop, sharding, step
 from tests import test_launch, toy
 
 # A model small enough that each setup compiles in seconds.
@@ -80,24 +81,24 @@ def test_dropout_seed_changes_the_training_loss_alone(run):
     assert base['loss'] != other['loss']  # same parameters and batch, other dropout masks
 
 
-@pytest.mark.parametrize('source', config_lib.SEED_SOURCES)
+@pytest.mark.parametrize('source', configs.SEED_SOURCES)
 def test_a_negative_seed_is_refused_naming_the_field(source):
     config = toy.config(**{f'seeds.{source}': -1})
     with pytest.raises(ConfigError, match=rf'config\.seeds\.{source}=-1 must be an integer >= 0'):
-        configuration.validate(config, devices=1)
+        configs.validate(config, devices=1)
 
 
 def test_table3_takes_one_seed_per_source():
-    table3 = config_lib.load_module(toy.CONFIGS / 'table3.py')
+    table3 = configs.load_module(toy.CONFIGS / 'table3.py')
     config = table3.get_config('dataset=l10n,seed=2,init_seed=5,data_seed=0')
     assert config.seed == 2
     assert config.seeds.to_dict() == {'init': 5, 'dropout': None, 'data': 0}
-    assert config_lib.source_seed(config, 'dropout') == 2
-    assert table3.get_config('row=B1').seeds.to_dict() == dict.fromkeys(config_lib.SEED_SOURCES)
+    assert configs.source_seed(config, 'dropout') == 2
+    assert table3.get_config('row=B1').seeds.to_dict() == dict.fromkeys(configs.SEED_SOURCES)
 
 
 def _resume_mismatches(config, saved: dict) -> list[str]:
-    return [field for field, now, then in train._resumed_fields(config, saved) if now != then]
+    return [field for field, now, then in loop.resumed_fields(config, saved) if now != then]
 
 
 def test_resume_keeps_the_data_and_dropout_seeds_not_the_init_seed():
@@ -111,7 +112,7 @@ def test_resume_keeps_the_data_and_dropout_seeds_not_the_init_seed():
 
 
 def test_table3_one_source_runs_are_named_and_reported_apart(tmp_path):
-    sweep = config_lib.load_module(toy.CONFIGS.parent / 'experiments' / 'table3' / 'sweep.py')
+    sweep = configs.load_module(toy.CONFIGS.parent / 'experiments' / 'table3' / 'sweep.py')
     name, config_arg = sweep.get_sweep('data_seed=1')[0]
     assert (name, config_arg) == ('base-data1', 'configs/table3.py:row=base,data_seed=1')
     assert sweep.get_sweep('seed=2,init_seed=5')[0][0] == 'base-seed2-init5'

@@ -9,10 +9,11 @@ import optax
 import pytest
 from flax import nnx
 
-from attn import config_lib, step
+from attn import configs
 from attn.errors import ConfigError
 from attn.model import build_model
-from attn.model_config import ModelConfig
+from attn.model.config import ModelConfig
+from attn.training import step
 
 
 def test_label_smoothed_loss_by_hand():
@@ -46,7 +47,7 @@ def _tiny_state(tx=None, **model_overrides):
     """(cfg, tx, graphdef, rest, state) of a one-layer model; the paper's Adam unless `tx`."""
     fields = dict(vocab_size=32, num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32)
     cfg = ModelConfig(**(fields | dict(dropout_rate=0.0) | model_overrides))
-    tx = tx or step.make_optimizer(config_lib.base_config('tiny').optimizer, cfg.emb_dim)
+    tx = tx or step.make_optimizer(configs.base_config('tiny').optimizer, cfg.emb_dim)
     return cfg, tx, *step.init_state(build_model('transformer', cfg), tx)
 
 
@@ -193,7 +194,7 @@ def test_adam_uses_the_papers_beta2_and_epsilon_over_several_steps():
     """Three updates against Adam written out in float64 with b2=0.98 and eps=1e-9 (§5.3).
     The first update alone cannot tell: m/sqrt(v) is sign(g) whatever b2 and eps. Gradients
     that change in size from step to step expose b2, and one of size ~eps exposes eps."""
-    config = config_lib.base_config().optimizer
+    config = configs.base_config().optimizer
     tx = step.make_optimizer(config, emb_dim=512)
     params = jnp.zeros(3, jnp.float32)
     opt_state = tx.init(params)

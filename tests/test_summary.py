@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from attn.model import build_model
-from attn.model_config import ModelConfig
+from attn.model.config import ModelConfig
 from attn.summary import forward_flops, module_params
 
 
@@ -54,7 +54,7 @@ def test_summary_json_counts_the_models_parameters():
     from tests.toy import l10n
 
     config = l10n.get_config('size=tiny')
-    from attn.configuration import model_config
+    from attn.configs import model_config
 
     model = build_model('transformer', model_config(config))
     expected = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from attn.data import tokenizer as tokenizer_lib
-from attn.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from attn.model.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 WORDS = (
     'the house is small and the garden green water bread child school street city money '

@@ -14,8 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from attn import bleu, checkpoint, evaluate, restore, sharding, train
+from attn import rundir
 from attn.data import datasets
+from attn.inference import bleu, evaluation
+from attn.training import checkpoint, loop, sharding
 from tests import toy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +84,7 @@ def toy_data(tmp_path_factory):
 
 def test_train_writes_the_workdir_and_resumes_exactly(toy_data, tmp_path):
     whole = str(tmp_path / 'whole')
-    result = train.train_and_evaluate(toy.config(), whole, toy_data)
+    result = loop.train_and_evaluate(toy.config(), whole, toy_data)
     assert set(os.listdir(whole)) >= {'config.json', 'checkpoints', 'tensorboard', 'metrics.jsonl'}
     assert os.listdir(os.path.join(whole, 'tensorboard'))
     rows = [
@@ -95,8 +97,8 @@ def test_train_writes_the_workdir_and_resumes_exactly(toy_data, tmp_path):
     assert np.isfinite(result.validation['perplexity']) and result.validation['perplexity'] > 1
 
     split = str(tmp_path / 'split')
-    train.train_and_evaluate(toy.config(total_steps=3), split, toy_data)  # stops at 3
-    train.train_and_evaluate(toy.config(), split, toy_data)  # resumes at 3 to 6
+    loop.train_and_evaluate(toy.config(total_steps=3), split, toy_data)  # stops at 3
+    loop.train_and_evaluate(toy.config(), split, toy_data)  # resumes at 3 to 6
     step_a, params_a = _params(whole)
     step_b, params_b = _params(split)
     assert step_a == step_b == 6
@@ -106,9 +108,9 @@ def test_train_writes_the_workdir_and_resumes_exactly(toy_data, tmp_path):
 def test_resume_drops_metrics_logged_past_the_checkpoint(toy_data, tmp_path):
     """Killed after logging step 6 but before saving it: the rerun from step 3 logs 4-6
     again, once each."""
-    train.train_and_evaluate(toy.config(), str(tmp_path), toy_data)
+    loop.train_and_evaluate(toy.config(), str(tmp_path), toy_data)
     shutil.rmtree(tmp_path / 'checkpoints' / '6')
-    train.train_and_evaluate(toy.config(), str(tmp_path), toy_data)
+    loop.train_and_evaluate(toy.config(), str(tmp_path), toy_data)
     rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
     assert [(r['step'], r.get('split')) for r in rows] == [
         (2, None),
@@ -167,7 +169,7 @@ def test_periodic_bleu_scores_that_steps_model_on_a_sample(toy_data, tmp_path, m
 
     monkeypatch.setattr(bleu, 'sacre_bleu', record)
     config = toy.config(bleu_every_steps=3, bleu_examples=8)
-    train.train_and_evaluate(config, str(tmp_path), toy_data)
+    loop.train_and_evaluate(config, str(tmp_path), toy_data)
     rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
     logged = [(r['step'], r['split'], r['bleu']) for r in rows if 'bleu' in r]
     assert logged == [(3, 'validation', 1.0), (6, 'validation', 2.0)]
@@ -175,8 +177,8 @@ def test_periodic_bleu_scores_that_steps_model_on_a_sample(toy_data, tmp_path, m
     subset = datasets.Data(toy_data.tokenizer, toy_data.features, {'validation': sample})
     for step, (hypotheses, references) in zip((3, 6), scored, strict=True):
         assert references == [example['de'].decode() for example in sample]
-        run = restore.load(str(tmp_path), step=step)
-        expected, _, _ = evaluate.translate_split(
+        run = rundir.load(str(tmp_path), step=step)
+        expected, _, _ = evaluation.translate_split(
             run.model, config, subset, 'validation', beam_size=4, alpha=0.6, mesh=run.mesh
         )
         assert hypotheses == expected
@@ -184,10 +186,10 @@ def test_periodic_bleu_scores_that_steps_model_on_a_sample(toy_data, tmp_path, m
 
 def test_incompatible_config_is_refused(toy_data, tmp_path):
     workdir = str(tmp_path)
-    train.train_and_evaluate(toy.config(total_steps=3), workdir, toy_data)
+    loop.train_and_evaluate(toy.config(total_steps=3), workdir, toy_data)
     saved = (tmp_path / 'config.json').read_text()
     with pytest.raises(checkpoint.CheckpointError, match=r'has shape .* in the checkpoint but'):
-        train.train_and_evaluate(toy.config(**{'model.mlp_dim': 48}), workdir, toy_data)
+        loop.train_and_evaluate(toy.config(**{'model.mlp_dim': 48}), workdir, toy_data)
     assert (tmp_path / 'config.json').read_text() == saved  # the trained config, not the refused
 
 
@@ -205,7 +207,7 @@ def test_sigterm_saves_and_stops(toy_data, tmp_path, monkeypatch):
     monkeypatch.setattr(sharding, 'global_batch', global_batch_then_sigterm)
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        outcome = train.train_and_evaluate(
+        outcome = loop.train_and_evaluate(
             toy.config(checkpoint_every_steps=100), str(tmp_path), toy_data
         )
     finally:
@@ -219,7 +221,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(toy_data, tmp_path)
     config = toy.config(**{'optimizer.lr_scale': 1e30, 'checkpoint_every_steps': 1})
     config.log_every_steps = 1
     with pytest.raises(FloatingPointError, match='Non-finite training loss'):
-        train.train_and_evaluate(config, str(tmp_path), toy_data)
+        loop.train_and_evaluate(config, str(tmp_path), toy_data)
     step, params = _params(str(tmp_path))
     assert step >= 1
     assert all(np.isfinite(p).all() for p in params)

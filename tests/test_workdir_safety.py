@@ -18,10 +18,11 @@ import sys
 import numpy as np
 import pytest
 
-from attn import checkpoint, evaluate, sharding, train
-from attn import workdir as workdir_lib
+from attn import rundir
 from attn.data import datasets
 from attn.errors import UserError
+from attn.inference import evaluation
+from attn.training import checkpoint, loop, sharding
 from tests import toy
 from tests.toy import l10n
 
@@ -86,8 +87,8 @@ def test_a_second_trainer_is_refused_naming_the_holder(run, sleeper):
     workdir, data = run
     lock = _write_lock(workdir, socket.gethostname(), sleeper)
     before = _hashes(workdir)
-    with pytest.raises(workdir_lib.WorkdirError) as error:
-        train.train_and_evaluate(toy.config(total_steps=9), str(workdir), data)
+    with pytest.raises(rundir.WorkdirError) as error:
+        loop.train_and_evaluate(toy.config(total_steps=9), str(workdir), data)
     message = str(error.value)
     assert f'pid {sleeper}' in message and socket.gethostname() in message
     assert '2031-01-02T03:04:05' in message and 'Wait' in message and 'delete' in message
@@ -98,8 +99,8 @@ def test_a_second_trainer_is_refused_naming_the_holder(run, sleeper):
 def test_a_lock_of_another_host_is_refused(run):
     workdir, data = run
     _write_lock(workdir, 'node-elsewhere', 4242)
-    with pytest.raises(workdir_lib.WorkdirError, match=r'another host.*node-elsewhere.*delete'):
-        train.train_and_evaluate(toy.config(), str(workdir), data)
+    with pytest.raises(rundir.WorkdirError, match=r'another host.*node-elsewhere.*delete'):
+        loop.train_and_evaluate(toy.config(), str(workdir), data)
     assert (workdir / '.lock').exists()
 
 
@@ -108,7 +109,7 @@ def test_a_stale_lock_is_taken_over_and_released(run, caplog):
     gone = subprocess.Popen(['true'])
     gone.wait()
     _write_lock(workdir, socket.gethostname(), gone.pid)
-    outcome = train.train_and_evaluate(toy.config(), str(workdir), data)  # finished: no steps
+    outcome = loop.train_and_evaluate(toy.config(), str(workdir), data)  # finished: no steps
     assert outcome.already_finished
     assert f'left by process {gone.pid}, which has exited' in _warnings(caplog)
     assert not (workdir / '.lock').exists()
@@ -136,7 +137,7 @@ def test_resume_with_other_data_is_refused_before_any_data_is_built(run, monkeyp
     monkeypatch.setattr(datasets, 'load', never)
     before = _hashes(workdir)
     with pytest.raises(UserError) as error:
-        train.train_and_evaluate(toy.config(**{field: value}), str(workdir))
+        loop.train_and_evaluate(toy.config(**{field: value}), str(workdir))
     saved = json.loads((workdir / 'config.json').read_text())['data'][field.split('.')[1]]
     assert f'{field} is {value!r}' in str(error.value) and repr(saved) in str(error.value)
     assert _hashes(workdir) == before
@@ -147,8 +148,8 @@ def test_resume_with_another_tokenizer_is_refused(run):
     other = copy.copy(data.tokenizer)
     other.id_to_piece = lambda i: 'x' if i == 7 else data.tokenizer.id_to_piece(i)
     before = _hashes(workdir)
-    with pytest.raises(workdir_lib.WorkdirError, match='another tokenizer'):
-        train.train_and_evaluate(
+    with pytest.raises(rundir.WorkdirError, match='another tokenizer'):
+        loop.train_and_evaluate(
             toy.config(total_steps=9),
             str(workdir),
             datasets.Data(other, data.features, data.splits),
@@ -163,7 +164,7 @@ def test_a_finished_run_does_nothing(run, monkeypatch, caplog):
     workdir, data = run
     calls = _counting_batches(monkeypatch)
     before = _hashes(workdir)
-    outcome = train.train_and_evaluate(toy.config(), str(workdir), data)
+    outcome = loop.train_and_evaluate(toy.config(), str(workdir), data)
     assert outcome.step == 6 and outcome.already_finished and not calls
     assert 'already finished at step 6; nothing to do' in _warnings(caplog)
     assert _hashes(workdir) == before
@@ -172,7 +173,7 @@ def test_a_finished_run_does_nothing(run, monkeypatch, caplog):
 def test_a_checkpoint_past_total_steps_is_refused(run):
     workdir, data = run
     with pytest.raises(UserError, match=r'step 6, past total_steps=4.*above 6.*new --workdir'):
-        train.train_and_evaluate(toy.config(total_steps=4), str(workdir), data)
+        loop.train_and_evaluate(toy.config(total_steps=4), str(workdir), data)
 
 
 def _cli(workdir, tokenizer_dir, *flags) -> subprocess.CompletedProcess:
@@ -244,7 +245,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(
 
     _counting_batches(monkeypatch, check)
     caplog.set_level(logging.INFO, logger='absl')
-    outcome = train.train_and_evaluate(toy.config(), str(workdir), data)
+    outcome = loop.train_and_evaluate(toy.config(), str(workdir), data)
     assert outcome.step == 6
     assert f'Restored checkpoint of step 3 from {checkpoints}' in caplog.text
     assert unchanged_at_start == [True]
@@ -264,7 +265,7 @@ def test_no_readable_checkpoint_is_one_line_naming_the_directory(run):
     (checkpoints / '6' / '_CHECKPOINT_METADATA').unlink()
     shutil.rmtree(checkpoints / '3' / 'data')
     with pytest.raises(checkpoint.CheckpointError) as error:
-        train.train_and_evaluate(toy.config(), str(workdir), data)
+        loop.train_and_evaluate(toy.config(), str(workdir), data)
     message = str(error.value)
     assert str(checkpoints / '6') in message and str(checkpoints / '3') in message
     assert '\n' not in message and 'different model' not in message
@@ -278,8 +279,8 @@ def test_a_workdir_under_a_file_is_named(toy_run, tmp_path):
     _, data = toy_run
     blocker = tmp_path / 'a_file'
     blocker.write_text('not a directory')
-    with pytest.raises(workdir_lib.WorkdirError, match=f'{blocker} is a file, not a directory'):
-        train.train_and_evaluate(toy.config(), str(blocker / 'run'), data)
+    with pytest.raises(rundir.WorkdirError, match=f'{blocker} is a file, not a directory'):
+        loop.train_and_evaluate(toy.config(), str(blocker / 'run'), data)
 
 
 @pytest.fixture
@@ -318,8 +319,8 @@ def test_a_read_only_workdir_is_named(toy_run, mount):
     workdir, data = toy_run
     disk = mount(4 * _kilobytes(workdir), lambda d: shutil.copytree(workdir, d / 'w'), True)
     before = _hashes(disk / 'w')
-    with pytest.raises(workdir_lib.WorkdirError, match=f'Read-only file system: {disk / "w"}'):
-        train.train_and_evaluate(toy.config(total_steps=9), str(disk / 'w'), data)
+    with pytest.raises(rundir.WorkdirError, match=f'Read-only file system: {disk / "w"}'):
+        loop.train_and_evaluate(toy.config(total_steps=9), str(disk / 'w'), data)
     assert _hashes(disk / 'w') == before
 
 
@@ -338,7 +339,7 @@ def test_a_full_disk_is_named_and_keeps_every_checkpoint(toy_run, mount, monkeyp
         match=rf'No space left on device: saving checkpoint 9 in {checkpoints} {what}\. '
         'Checkpoints 3 and 6 are intact',
     ):
-        train.train_and_evaluate(toy.config(total_steps=12), str(disk / 'w'), data)
+        loop.train_and_evaluate(toy.config(total_steps=12), str(disk / 'w'), data)
     assert {step: _hashes(checkpoints / step) for step in ('3', '6')} == before
     assert sorted(p.name for p in checkpoints.iterdir()) == ['3', '6']  # no partial save left
     assert not (disk / 'w' / '.lock').exists()
@@ -382,14 +383,14 @@ def test_damage_inside_a_record_file_is_named_when_it_is_read(fixture_corpus, tm
 
 def test_an_unwritable_eval_report_is_a_warning(tmp_path, caplog):
     (tmp_path / 'eval').write_text('a file where the directory goes')
-    assert evaluate.write_report(str(tmp_path), {'bleu': 1.0}, 'test-6') is None
+    assert evaluation.write_report(str(tmp_path), {'bleu': 1.0}, 'test-6') is None
     assert f'{tmp_path / "eval" / "test-6.json"}' in _warnings(caplog)
 
 
 def test_an_eval_report_on_a_full_disk_is_a_warning_and_leaves_no_partial_file(mount, caplog):
     disk = mount(16)
     (disk / 'filler').write_bytes(bytes(16 * 1024 - 100))
-    assert evaluate.write_report(str(disk), {'hypotheses': ['x' * 8192]}, 'test-6') is None
+    assert evaluation.write_report(str(disk), {'hypotheses': ['x' * 8192]}, 'test-6') is None
     assert f'{disk / "eval" / "test-6.json"}' in _warnings(caplog)
     assert not (disk / 'eval' / 'test-6.json').exists()
 
@@ -408,7 +409,7 @@ def test_ctrl_c_saves_at_the_next_step_and_releases_everything(toy_run, tmp_path
             os.kill(os.getpid(), signal.SIGINT)
 
     _counting_batches(monkeypatch, interrupt)
-    outcome = train.train_and_evaluate(toy.config(checkpoint_every_steps=100), str(workdir), data)
+    outcome = loop.train_and_evaluate(toy.config(checkpoint_every_steps=100), str(workdir), data)
     assert outcome.step == 2 and outcome.preempted
     assert toy.saved_params(str(workdir))[0] == 2
     assert holders == [os.getpid()] * 2  # this trainer held the lock while it ran

@@ -15,25 +15,27 @@ import jax
 import numpy as np
 from flax import nnx
 
-from attn import analysis, analyze, average, evaluate, restore, translate
+from attn import average, rundir
+from attn.analysis import heads, report
 from attn.data import datasets
+from attn.inference import evaluation, text
 
 
 def run_all(workdir: str, out: str) -> dict:
-    latest = evaluate.evaluate(workdir, split='test')
-    averaged = evaluate.evaluate(workdir, split='test', average_last=2)
-    run = restore.load(workdir)
+    latest = evaluation.evaluate(workdir, split='test')
+    averaged = evaluation.evaluate(workdir, split='test', average_last=2)
+    run = rundir.load(workdir)
     data = datasets.load(run.config, ['test'])
     sources = [data.splits['test'][i]['en'].decode() for i in range(len(data.splits['test']))]
-    translations = translate.translate_lines(
+    translations = text.translate_lines(
         run, data.tokenizer, sources, batch_size=3, beam_size=4, alpha=0.6, max_input_tokens=32
     )
-    batch = analyze.sentence_batch(data, run.config, 'test', 4)  # attn.analyze's numbers
-    importance = analysis.head_importance(run.model, batch, 'transformer')
-    maps = analysis.attention_maps(run.model, batch, 'transformer')
-    curve = analysis.pruning_curve(run.model, batch, 'transformer', importance, 3)
+    batch = report.sentence_batch(data, run.config, 'test', 4)  # attn.analyze's numbers
+    importance = heads.head_importance(run.model, batch, 'transformer')
+    maps = heads.attention_maps(run.model, batch, 'transformer')
+    curve = heads.pruning_curve(run.model, batch, 'transformer', importance, 3)
     written = average.average(workdir, last=2, out=f'{out}/average')
-    params = restore.load(written['out']).model
+    params = rundir.load(written['out']).model
     sums = [
         float(np.asarray(x).astype(np.float64).sum())
         for x in jax.tree.leaves(nnx.state(params, nnx.Param))

@@ -4,12 +4,12 @@ config files the tests load by path."""
 import pathlib
 import random
 
-from attn import config_lib
+from attn import configs
 from attn.data import datasets
 from attn.data import tokenizer as tokenizer_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
-l10n = config_lib.load_module(CONFIGS / 'l10n.py')  # the default experiment's config file
+l10n = configs.load_module(CONFIGS / 'l10n.py')  # the default experiment's config file
 
 EN = 'the a cat dog sees runs house garden red blue small big quickly slowly under over and with'
 DE = (
@@ -51,14 +51,14 @@ def config(**overrides):
     config.log_every_steps = 2
     config.eval_every_steps = 3
     config.checkpoint_every_steps = 3
-    return config_lib.set_fields(config, overrides)
+    return configs.set_fields(config, overrides)
 
 
 def saved_params(workdir, step: int | None = None) -> tuple[int, dict]:
     """(step, the parameters of checkpoint `step` (default: latest) as saved, on one device)."""
     import jax
 
-    from attn import checkpoint
+    from attn.training import checkpoint
 
     ckpt = checkpoint.Checkpointer(f'{workdir}/checkpoints', keep=None, create=False)
     step = ckpt.latest_step() if step is None else step

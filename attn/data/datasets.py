@@ -22,10 +22,11 @@ import jax
 import tensorflow_datasets as tfds
 from absl import logging
 
-from attn import config_lib, distributed
+from attn import configs
 from attn.data import pipeline
 from attn.data import tokenizer as tokenizer_lib
 from attn.errors import UserError
+from attn.training import distributed
 
 EMBEDDED = 'l10n_translate'
 # Hosts the TFDS builders download from, checked before a download is attempted (an
@@ -229,7 +230,7 @@ class Data:
             features=self.features,
             rows=rows * config.grad_accum_steps,
             length=config.data.max_length,
-            seed=config_lib.source_seed(config, 'data'),
+            seed=configs.source_seed(config, 'data'),
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
             worker_count=config.data.worker_count,
@@ -273,3 +274,8 @@ def load(config, splits: Sequence[str] | None = None) -> Data:
             f'{config.data.vocab_size}.'
         )
     return Data(tokenizer, features(config), opened)
+
+
+def text(value) -> str:
+    """A text feature of an example as str (TFDS gives bytes; in-memory data may be str)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -26,7 +26,7 @@ import numpy as np
 from absl import flags
 
 from attn.data.tokenizer import Tokenizer
-from attn.tokens import PAD_ID
+from attn.model.tokens import PAD_ID
 
 # Packing bins per row of a batch: more bins fill rows a little better (first fit over more
 # open rows; measured 0.916 / 0.923 / 0.928 / 0.932 target efficiency for 1 / 2 / 4 / 8 at

@@ -25,7 +25,7 @@ from absl import logging
 from etils import epath
 
 from attn.errors import UserError
-from attn.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from attn.model.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 MODEL_FILE = 'spm.model'
 META_FILE = 'meta.json'

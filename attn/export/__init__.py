@@ -18,7 +18,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_dict
 
-from attn import cli, restore
+from attn import cli, rundir
 from attn.data import datasets
 from attn.data import tokenizer as tokenizer_lib
 from attn.errors import UserError
@@ -31,7 +31,7 @@ __all__ = ['ExportError', 'export', 'run']
 
 
 def export(
-    run: restore.Run,
+    run: rundir.Run,
     tokenizer: tokenizer_lib.Tokenizer,
     out: str,
     *,
@@ -77,15 +77,15 @@ def main(argv):
     if FLAGS.out is None:
         raise UserError('--out is required: the directory to write the exported model to.')
     check_out(FLAGS.out)
-    ckpt = restore.open_checkpoints(workdir)
+    ckpt = rundir.open_checkpoints(workdir)
     try:
-        step = restore.resolve_step(ckpt, FLAGS.step)
-        steps = restore.select_steps(ckpt.all_steps(), step, FLAGS.average_last)
+        step = rundir.resolve_step(ckpt, FLAGS.step)
+        steps = rundir.select_steps(ckpt.all_steps(), step, FLAGS.average_last)
         # Refused before any weights are restored (export checks the rest again).
         check_exportable(config_dict.ConfigDict(ckpt.restore_config(steps[-1])))
     finally:
         ckpt.close()
-    run = restore.load(workdir, step=step, average_last=FLAGS.average_last)
+    run = rundir.load(workdir, step=step, average_last=FLAGS.average_last)
     tokenizer = datasets.load(run.config, ['train']).tokenizer
     for directory in export(
         run,

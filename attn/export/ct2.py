@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from attn.export.weights import MARIAN_EPSILON, SPECIAL_PIECES
-from attn.tokens import BOS_ID
+from attn.model.tokens import BOS_ID
 
 
 def write_ct2(tensors: dict, config, pieces: list[str], out: str, quantization: str) -> None:

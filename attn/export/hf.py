@@ -8,10 +8,10 @@ import json
 import os
 import shutil
 
-from attn import restore
+from attn import rundir
 from attn.data import tokenizer as tokenizer_lib
 from attn.export.weights import MAX_POSITIONS, SPECIAL_PIECES, vocabulary
-from attn.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from attn.model.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
 def generation_settings(config) -> dict:
@@ -82,7 +82,7 @@ def write_tokenizer(tokenizer: tokenizer_lib.Tokenizer, config, out: str) -> Non
     )
 
 
-def write_hf(run: restore.Run, tensors: dict, tokenizer, out: str, workdir: str) -> None:
+def write_hf(run: rundir.Run, tensors: dict, tokenizer, out: str, workdir: str) -> None:
     """D/config.json, generation_config.json, model.safetensors, tokenizer files, README.md."""
     import safetensors.numpy
     import transformers
@@ -128,7 +128,7 @@ def checkpoint_scores(workdir: str, step: int) -> dict:
     return scores
 
 
-def model_card(run: restore.Run, workdir: str) -> str:
+def model_card(run: rundir.Run, workdir: str) -> str:
     """README.md of the Hugging Face directory: data, model, steps, scores, usage."""
     config, data = run.config, run.config.data
     scores = checkpoint_scores(workdir, run.step) or {'scores': 'none recorded in the workdir'}

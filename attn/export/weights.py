@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from attn import layers as layers_lib
 from attn.data import tokenizer as tokenizer_lib
 from attn.errors import UserError
-from attn.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from attn.model import layers as layers_lib
+from attn.model.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 ATTN_EPSILON, MARIAN_EPSILON = 1e-6, 1e-5
 SCALE = float(np.sqrt(MARIAN_EPSILON / ATTN_EPSILON))  # c: LN_1e-5(c z) = LN_1e-6(z)

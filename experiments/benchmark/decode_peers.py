@@ -46,9 +46,12 @@ import speed  # noqa: E402 - experiments/benchmark/speed.py, beside this script
 from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from attn import cli, config_lib  # noqa: E402
+from attn import (
+    cli,  # noqa: E402
+    configs,
+)
 from attn.errors import UserError  # noqa: E402
-from attn.tokens import BOS_ID, EOS_ID, NUM_SPECIAL_TOKENS, PAD_ID  # noqa: E402
+from attn.model.tokens import BOS_ID, EOS_ID, NUM_SPECIAL_TOKENS, PAD_ID  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 # name: (config file, its argument, vocabulary): the README's decode table's models.
@@ -87,8 +90,8 @@ def require_peers() -> None:
 def model_config(name: str):
     """The experiment config of one of `MODELS`, at its vocabulary, without dropout."""
     path, arg, vocab = MODELS[name]
-    config = config_lib.load(ROOT / path, arg)
-    return config_lib.set_fields(
+    config = configs.load(ROOT / path, arg)
+    return configs.set_fields(
         config, {'data.vocab_size': vocab, 'model.vocab_size': vocab, 'model.dropout_rate': 0.0}
     )
 

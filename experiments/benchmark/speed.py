@@ -36,11 +36,13 @@ import jax
 import numpy as np
 from absl import flags
 
-from attn import cli, config_lib, configuration, decode, sharding, summary
-from attn import step as step_lib
+from attn import cli, configs, summary
+from attn.decoding import search as decode
 from attn.errors import UserError
 from attn.model import build_model
-from attn.tokens import EOS_ID, NUM_SPECIAL_TOKENS
+from attn.model.tokens import EOS_ID, NUM_SPECIAL_TOKENS
+from attn.training import sharding
+from attn.training import step as step_lib
 
 _WHAT = flags.DEFINE_list('what', ['train', 'decode'], 'What to measure: train, decode.')
 _BATCH = flags.DEFINE_integer('batch', 96, 'Train: examples per step (all devices).')
@@ -76,7 +78,7 @@ def with_overrides(config, overrides: str | None):
             fields[path.strip()] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             fields[path.strip()] = text  # a bare string such as bfloat16
-    return config_lib.set_fields(copy.deepcopy(config), fields)
+    return configs.set_fields(copy.deepcopy(config), fields)
 
 
 def synthetic_batch(kind: str, rows: int, length: int, vocab: int) -> dict[str, np.ndarray]:
@@ -109,7 +111,7 @@ def device_peak_bytes() -> int | None:
 
 
 def measure_train(config) -> dict:
-    cfg = dataclasses.replace(configuration.model_config(config), vocab_size=_VOCAB.value)
+    cfg = dataclasses.replace(configs.model_config(config), vocab_size=_VOCAB.value)
     mesh = sharding.make_mesh()
     run = step_lib.setup(config, cfg, mesh)
     state, step, rng = run.state, run.train, run.rng
@@ -194,9 +196,7 @@ def _gib(value: int | None) -> float | None:
 def decode_model(config, vocab: int):
     """A randomly initialised Transformer of `config`'s sizes at vocabulary `vocab`, without
     dropout: the model every decode measurement searches with."""
-    cfg = dataclasses.replace(
-        configuration.model_config(config), vocab_size=vocab, dropout_rate=0.0
-    )
+    cfg = dataclasses.replace(configs.model_config(config), vocab_size=vocab, dropout_rate=0.0)
     if config.model_kind != 'transformer':
         raise UserError('--what=decode measures the beam search of a translation model.')
     return build_model(config.model_kind, cfg, config.seed)
@@ -289,7 +289,7 @@ def main(argv):
     del argv
     config = cli.config()
     report = {
-        'model': configuration.model_config(config).__dict__ | {'vocab_size': _VOCAB.value},
+        'model': configs.model_config(config).__dict__ | {'vocab_size': _VOCAB.value},
         'devices': jax.device_count(),
         'device': jax.devices()[0].device_kind,
         'measured': measure(config),

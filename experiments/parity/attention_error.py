@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from attn import attention
+from attn.model import attention
 
 _BATCH = flags.DEFINE_integer('batch', 4, 'Batch size.')
 _LENGTH = flags.DEFINE_integer('length', 128, 'Query and key length.')

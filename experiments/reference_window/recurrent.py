@@ -26,13 +26,13 @@ class RecurrentModel(nnx.Module):
     def __call__(self, tokens: jax.Array, segmentation=None, position=None, **unused) -> jax.Array:
         """Logits [B, T, V] predicting each of `tokens` [B, T] from the ones before it.
 
-        Called as `attn.step` calls `LanguageModel`; there is no dropout or chunked loss to
+        Called as `attn.training.step` calls `LanguageModel`; there is no dropout or chunked loss to
         switch (`unused`), and rows are one example each (no packing).
         """
         if segmentation is not None or position is not None:
             raise ValueError('RecurrentModel reads unpacked rows only.')
         # The initial state is zeros; its key comes from a stream made here, so the call
-        # changes none of the model's state (it runs inside attn.step's jit).
+        # changes none of the model's state (it runs inside attn.training.step's jit).
         states = self.rnn(self.embed(shift_right(tokens)), rngs=nnx.Rngs(carry=0))  # [B, T, hidden]
         return self.readout(states)
 

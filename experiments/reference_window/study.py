@@ -22,11 +22,15 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from attn import cli, config_lib, configuration, sharding  # noqa: E402
-from attn import step as step_lib  # noqa: E402
+from attn import (
+    cli,  # noqa: E402
+    configs,
+)
 from attn.model import LanguageModel, build_model  # noqa: E402
-from attn.model_config import ModelConfig  # noqa: E402
+from attn.model.config import ModelConfig  # noqa: E402
 from attn.summary import module_params  # noqa: E402
+from attn.training import sharding
+from attn.training import step as step_lib  # noqa: E402
 from experiments.reference_window import recurrent, task  # noqa: E402
 
 LOG_EVERY = 50
@@ -38,10 +42,10 @@ WHAT = {
 
 def model_config(config) -> ModelConfig:
     """The Transformer's settings, with the vocabulary and row length of the task."""
-    config_lib.check_choice('kind', config.task.kind, task.KINDS)
+    configs.check_choice('kind', config.task.kind, task.KINDS)
     t = config.task
     return dataclasses.replace(
-        configuration.model_config(config),
+        configs.model_config(config),
         vocab_size=task.vocab_size(t.kind, t.content_tokens, t.max_k),
         max_len=task.sequence_length(t.max_k),
     )
@@ -75,7 +79,7 @@ def optimizer(config) -> optax.GradientTransformation:
 
 
 def answer_only(targets: np.ndarray) -> dict[str, np.ndarray]:
-    """A batch of `attn.step` that scores the last token of each row alone: the answer
+    """A batch of `attn.training.step` that scores the last token of each row alone: the answer
     (the tokens before it are random, nothing to learn)."""
     weights = np.zeros(targets.shape, np.float32)
     weights[:, -1] = 1.0
@@ -83,7 +87,7 @@ def answer_only(targets: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def train(model, config) -> tuple[nnx.Module, dict]:
-    """Trains on the same stream of batches for every model, with `attn.step`'s train
+    """Trains on the same stream of batches for every model, with `attn.training.step`'s train
     step; returns the trained model and the cost and losses."""
     tx = optimizer(config)
     mesh = sharding.make_mesh()
@@ -98,7 +102,7 @@ def train(model, config) -> tuple[nnx.Module, dict]:
         state, metrics = train_step(
             state, sharding.global_batch(mesh, answer_only(batch['targets'])), rng
         )
-        jax.block_until_ready(metrics)  # queued steps can hang XLA:CPU (train._Reporter.add)
+        jax.block_until_ready(metrics)  # queued steps can hang XLA:CPU (loop.Reporter.add)
         if step % LOG_EVERY == 0 or step == config.steps:
             losses.append((step, float(metrics['loss'])))
     info = {'train_seconds': time.perf_counter() - start, 'losses': losses}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from attn.tokens import NUM_SPECIAL_TOKENS
+from attn.model.tokens import NUM_SPECIAL_TOKENS
 
 KINDS = ('offset', 'marker')
 MARKER = NUM_SPECIAL_TOKENS  # 4

@@ -19,14 +19,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_dict  # noqa: E402
 
-from attn import config_lib  # noqa: E402
+from attn import configs  # noqa: E402
 from attn import plot as learning_curves  # noqa: E402
-from attn.model_config import ModelConfig  # noqa: E402
+from attn.model.config import ModelConfig  # noqa: E402
 from attn.summary import summarize  # noqa: E402
 
-table3 = config_lib.load_module(pathlib.Path(__file__).parents[2] / 'configs' / 'table3.py')
+table3 = configs.load_module(pathlib.Path(__file__).parents[2] / 'configs' / 'table3.py')
 
-SOURCES = config_lib.SEED_SOURCES
+SOURCES = configs.SEED_SOURCES
 _ROOT = flags.DEFINE_string('root', 'runs/table3', 'Folder holding one workdir per row.')
 _OUT = flags.DEFINE_string('out', None, 'Where report.md and table3.png go (default: --root).')
 
@@ -47,7 +47,7 @@ def read_run(workdir: pathlib.Path) -> dict | None:
     return {
         'dataset': f'{config.data.name}/{config.data.config}',
         'model': config.model.to_dict(),
-        'seeds': {source: config_lib.source_seed(config, source) for source in SOURCES},
+        'seeds': {source: configs.source_seed(config, source) for source in SOURCES},
         'params': summarize(config)['params'],
         'steps': steps,
         'wall_minutes': None if wall is None else wall / 60,

@@ -11,9 +11,9 @@ newstest2013 (the validation split) without checkpoint averaging, as the paper's
 
 import pathlib
 
-from attn import config_lib
+from attn import configs
 
-table3 = config_lib.load_module(pathlib.Path(__file__).parents[2] / 'configs' / 'table3.py')
+table3 = configs.load_module(pathlib.Path(__file__).parents[2] / 'configs' / 'table3.py')
 
 
 def get_sweep(arg=None):

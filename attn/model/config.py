@@ -1,7 +1,7 @@
 """`ModelConfig`: the hyperparameters of `Transformer` and `LanguageModel`, validated when
 built, so that a setting that cannot work fails before anything is compiled, naming the
 field and the fix. Free of any config library, so the model code imports it;
-`attn.configuration` builds it from an experiment config."""
+`attn.configs` builds it from an experiment config."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from attn.attention import IMPLEMENTATIONS
 from attn.errors import ConfigError
-from attn.tokens import NUM_SPECIAL_TOKENS
+from attn.model.attention import IMPLEMENTATIONS
+from attn.model.tokens import NUM_SPECIAL_TOKENS
 
 POSITIONS = ('sinusoidal', 'learned')
 DTYPES = ('float32', 'bfloat16', 'float16')

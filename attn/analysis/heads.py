@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attn import layers
-from attn.step import cross_entropy, forward, target_weights
-from attn.tokens import EOS_ID, PAD_ID
+from attn.model import layers
+from attn.model.tokens import EOS_ID, PAD_ID
+from attn.training.step import cross_entropy, forward, target_weights
 
 
 def module_name(path) -> str:

@@ -26,8 +26,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from attn import distributed
 from attn.errors import UserError
+from attn.training import distributed
 
 
 class CheckpointError(UserError, RuntimeError):

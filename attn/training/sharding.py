@@ -5,7 +5,7 @@ replicated, or, opt-in with `config.sharding='fsdp'` (ZeRO-3), each split over `
 along one dimension, XLA gathering them where a step needs them whole (`state_shardings`).
 Each host loads its own rows; `global_batch` joins them into arrays that span the mesh,
 and `host_rows` takes this host's rows of a result back. Joining the hosts is
-`attn.distributed`.
+`attn.training.distributed`.
 """
 
 from __future__ import annotations

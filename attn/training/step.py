@@ -19,10 +19,10 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from attn import config_lib, sharding
-from attn.errors import ConfigError
-from attn.model import MODELS, build_model, logits_from
-from attn.tokens import PAD_ID
+from attn import configs
+from attn.model import build_model, logits_from
+from attn.model.tokens import PAD_ID
+from attn.training import sharding
 
 # ------------------------------------------------------------------------------- loss
 
@@ -157,25 +157,6 @@ class StepConfig:
     label_smoothing: float
     grad_accum_steps: int = 1
     loss_chunk: int = 0  # > 0: logits and loss this many target positions at a time
-
-    def __post_init__(self):
-        if self.kind not in MODELS:
-            raise ConfigError(f'config.model_kind={self.kind!r} is not one of {sorted(MODELS)}.')
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(
-                f'config.label_smoothing={self.label_smoothing!r} must be in [0, 1): the weight '
-                "of the uniform distribution in each target (0 = none; the paper's 0.1, §5.4)."
-            )
-        if not isinstance(self.grad_accum_steps, int) or self.grad_accum_steps < 1:
-            raise ConfigError(
-                f'config.grad_accum_steps={self.grad_accum_steps!r} must be an integer >= 1 '
-                '(1 = no accumulation).'
-            )
-        if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
-            raise ConfigError(
-                f'config.loss_chunk={self.loss_chunk!r} must be an integer >= 0 '
-                '(0 = the whole loss at once; e.g. 64 = 64 target positions at a time).'
-            )
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation):
@@ -372,11 +353,11 @@ def setup(config, cfg, mesh) -> Setup:
     """What a run of `config` (model `cfg`) steps with on `mesh`."""
     tx = make_optimizer(config.optimizer, cfg.emb_dim)
     mode = config.get('sharding', 'replicated')  # runs saved before FSDP have no field
-    init_seed = config_lib.source_seed(config, 'init')
+    init_seed = configs.source_seed(config, 'init')
     graphdef, rest, state = create_state(config.model_kind, cfg, init_seed, tx, mesh, mode=mode)
     step_cfg = StepConfig(
         config.model_kind, config.label_smoothing, config.grad_accum_steps, config.loss_chunk
     )
     train, evaluate = compile_steps(graphdef, rest, tx, step_cfg, mesh, mode=mode, state=state)
-    rng = jax.random.key(config_lib.source_seed(config, 'dropout'), impl=config.prng_impl)
+    rng = jax.random.key(configs.source_seed(config, 'dropout'), impl=config.prng_impl)
     return Setup(graphdef, rest, state, train, evaluate, rng)

@@ -1,7 +1,7 @@
 """The Transformer (§3, Figure 1) and a decoder-only language model, in Flax NNX.
 
 Dimension letters: B batch, S source length, T target length, D d_model, V vocabulary.
-Token ids 0..3 are reserved: PAD, UNK, BOS, EOS (`attn.tokens`, shared with the tokenizer).
+Token ids 0..3 are reserved: PAD, UNK, BOS, EOS (`attn.model.tokens`, shared with the tokenizer).
 Packed rows carry segment ids (1, 2, ... per example, 0 = padding) and positions
 (restarting at 0 per example); attention never crosses examples.
 """
@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attn import attention as attention_lib
-from attn import layers
 from attn.errors import ConfigError
-from attn.model_config import ModelConfig
-from attn.tokens import BOS_ID, PAD_ID
+from attn.model import attention as attention_lib
+from attn.model import layers
+from attn.model.config import ModelConfig
+from attn.model.tokens import BOS_ID, PAD_ID
 
 # ---------------------------------------------------------------------------- helpers
 

@@ -28,9 +28,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import animation  # noqa: E402
 
-from attn import analysis, decode  # noqa: E402
+from attn import decoding
+from attn.analysis import heads  # noqa: E402
 from attn.errors import UserError  # noqa: E402
-from attn.tokens import BOS_ID, PAD_ID  # noqa: E402
+from attn.inference import batching
+from attn.model.tokens import BOS_ID, PAD_ID  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -50,7 +52,7 @@ class GenerationAttention:
 
 
 def _until_eos(row: np.ndarray) -> np.ndarray:
-    return row[: decode.output_length(row)]
+    return row[: decoding.output_length(row)]
 
 
 def _layers(maps: dict[str, np.ndarray], kind: str) -> np.ndarray:
@@ -66,9 +68,9 @@ def language_model_attention(model, prompt: list[int], max_new_tokens: int) -> G
     """Greedy continuation of `prompt` (ids, no EOS) and the self-attention of each step."""
     length = len(prompt) + max_new_tokens
     padded = np.array([prompt + [PAD_ID] * max_new_tokens], np.int32)
-    out = decode.sample(model, padded, [len(prompt)], max_length=length, temperature=0.0)
+    out = decoding.sample(model, padded, [len(prompt)], max_length=length, temperature=0.0)
     sequence = _until_eos(np.asarray(out)[0])
-    maps = analysis.attention_maps(model, {'targets': sequence[None]}, 'lm')
+    maps = heads.attention_maps(model, {'targets': sequence[None]}, 'lm')
     weights = _layers(maps, 'self_attention')  # [L, N, T, T]; query t produces sequence[t]
     produced = sequence[len(prompt) :]
     return GenerationAttention(
@@ -82,7 +84,7 @@ def language_model_attention(model, prompt: list[int], max_new_tokens: int) -> G
 def translation_attention(model, source: list[int], config) -> GenerationAttention:
     """The translation of `source` (ids ending in EOS) and its encoder-decoder attention."""
     inputs = np.array([source], np.int32)
-    out = decode.translate(
+    out = batching.translate(
         model,
         inputs,
         beam_size=config.decode.beam_size,
@@ -90,9 +92,7 @@ def translation_attention(model, source: list[int], config) -> GenerationAttenti
         max_extra_length=config.decode.max_extra_length,
     )
     produced = _until_eos(np.asarray(out)[0])
-    maps = analysis.attention_maps(
-        model, {'inputs': inputs, 'targets': produced[None]}, 'transformer'
-    )
+    maps = heads.attention_maps(model, {'inputs': inputs, 'targets': produced[None]}, 'transformer')
     return GenerationAttention(
         kind='cross_attention',
         produced=produced,

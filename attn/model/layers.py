@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attn import attention as attention_lib
+from attn.model import attention as attention_lib
 
 
 class HeadMask(nnx.Variable):
