@@ -5,8 +5,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from attn import configs
-from attn.decoding import search as decode
+from attn import configs, decoding
 from attn.model.tokens import EOS_ID, NUM_SPECIAL_TOKENS
 from attn.training import sharding, step
 from tests.toy import l10n
@@ -52,6 +51,6 @@ def test_a_tiny_transformer_learns_to_reverse_sequences():
     held_out = reversal_batch(np.random.default_rng(1), 64)
     # Greedy decoding feeds back its own tokens: a decoder that saw the future in training
     # (a broken causal mask) cannot do it without it.
-    decoded = np.asarray(decode.greedy_search(model, held_out['inputs'], max_extra_length=2))
+    decoded = np.asarray(decoding.greedy_search(model, held_out['inputs'], max_extra_length=2))
     exact = (decoded[:, : LONGEST + 1] == held_out['targets']).all(axis=1)
     assert exact.mean() >= 0.9, exact.mean()

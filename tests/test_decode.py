@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from attn import decoding
 from attn.configs import ModelConfig
-from attn.decoding import search as decode
+from attn.decoding import beam, greedy
 from attn.inference import batching
 from attn.model import LanguageModel, Transformer, shift_right
 from attn.model.tokens import BOS_ID, EOS_ID, PAD_ID
@@ -103,16 +104,16 @@ def check_well_formed(tokens, limits):
 
 
 def test_length_penalty_by_hand():
-    assert float(decode.length_penalty(1, 0.6)) == pytest.approx(1.0)
-    assert float(decode.length_penalty(7, 0.5)) == pytest.approx(np.sqrt(2.0))
-    assert float(decode.length_penalty(10, 0.0)) == pytest.approx(1.0)
+    assert float(decoding.length_penalty(1, 0.6)) == pytest.approx(1.0)
+    assert float(decoding.length_penalty(7, 0.5)) == pytest.approx(np.sqrt(2.0))
+    assert float(decoding.length_penalty(10, 0.0)) == pytest.approx(1.0)
 
 
 def test_filter_logits_by_hand():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
 
     def kept(top_k, top_p):
-        return np.isfinite(np.asarray(decode.filter_logits(logits, top_k, top_p)))[0]
+        return np.isfinite(np.asarray(decoding.filter_logits(logits, top_k, top_p)))[0]
 
     np.testing.assert_array_equal(kept(0, 1.0), [1, 1, 1, 1])
     np.testing.assert_array_equal(kept(2, 1.0), [1, 1, 0, 0])
@@ -128,7 +129,7 @@ def test_filter_logits_matches_sorting(top_k, top_p):
     """The bisection thresholds against the textbook sort/cumsum in float64."""
     logits = np.random.default_rng(top_k).standard_normal((4, 50)) * 2
     got = np.isfinite(
-        np.asarray(decode.filter_logits(jnp.asarray(logits, jnp.float32), top_k, top_p))
+        np.asarray(decoding.filter_logits(jnp.asarray(logits, jnp.float32), top_k, top_p))
     )
     order = np.argsort(-logits, axis=-1)
     ranked = np.take_along_axis(logits, order, -1)
@@ -146,17 +147,18 @@ def test_early_stop_criterion_by_hand():
     its log-prob over the largest length penalty it can still get (at the limit)."""
 
     def done(live, finished, t=2, limit=10):
-        beams = decode._Beams(
+        beams = beam.Beams(
             t=jnp.array(t),
             live_seqs=None,
             live_logprobs=jnp.array([live]),
             last=None,
             cache=None,
+            slots=None,
             finished_seqs=None,
             finished_scores=jnp.array([finished]),
             finished_logprobs=None,
         )
-        return bool(decode._beams_done(beams, jnp.array([limit]), 0.6)[0])
+        return bool(beam.beams_done(beams, jnp.array([limit]), 0.6)[0])
 
     bound = -3.0 / lp(10)  # -1.73: lp(10) > lp(3), longer outputs are penalized less
     assert not done([-3.0, -5.0], [-1.0, bound - 0.01])
@@ -171,10 +173,10 @@ def test_early_stop_criterion_by_hand():
 def test_cached_steps_equal_full_forward(model, lm):
     real = TARGETS[:, :11] != PAD_ID
     full = np.asarray(forward(model, jnp.asarray(INPUTS), jnp.asarray(TARGETS[:, :11])))
-    cached = np.asarray(decode.forced_decode(model, INPUTS, shift_right(TARGETS[:, :11])))
+    cached = np.asarray(decoding.forced_decode(model, INPUTS, shift_right(TARGETS[:, :11])))
     assert np.abs(cached - full)[real].max() < TOL  # every step of every sentence
     full_lm = np.asarray(forward(lm, jnp.asarray(TARGETS)))
-    cached_lm = np.asarray(decode.forced_decode(lm, None, shift_right(TARGETS)))
+    cached_lm = np.asarray(decoding.forced_decode(lm, None, shift_right(TARGETS)))
     assert np.abs(cached_lm - full_lm)[TARGETS != PAD_ID].max() < TOL
 
 
@@ -182,7 +184,7 @@ def test_cached_steps_equal_full_forward(model, lm):
 
 
 def test_greedy_is_argmax_of_full_forward_on_its_output(model):
-    tokens = np.asarray(decode.greedy_search(model, INPUTS, max_extra_length=5))
+    tokens = np.asarray(decoding.greedy_search(model, INPUTS, max_extra_length=5))
     assert tokens.shape == (3, 11)
     check_well_formed(tokens, LIMITS)
     assert EOS_ID in tokens and np.any(lengths(tokens) == LIMITS)  # both kinds of ending
@@ -196,19 +198,19 @@ def test_greedy_is_argmax_of_full_forward_on_its_output(model):
 def test_per_sentence_length_limit_and_min_length(model, search):
     """EOS suppressed (min_length): each sentence runs to its own len + max_extra_length."""
     if search == 'greedy':
-        tokens = decode.greedy_search(model, INPUTS, max_extra_length=5, min_length=100)
+        tokens = decoding.greedy_search(model, INPUTS, max_extra_length=5, min_length=100)
     else:
-        tokens, _ = decode.beam_search(model, INPUTS, max_extra_length=5, min_length=100)
+        tokens, _ = decoding.beam_search(model, INPUTS, max_extra_length=5, min_length=100)
     np.testing.assert_array_equal(lengths(tokens), LIMITS)  # 11, 7, 9
     assert EOS_ID not in np.asarray(tokens)
 
 
 def test_repeated_calls_do_not_recompile(model):
-    decode.greedy_search(model, INPUTS, max_extra_length=5)
-    before = decode._greedy._cache_size()
-    decode.greedy_search(model, INPUTS[::-1].copy(), max_extra_length=5, min_length=3)
-    decode.greedy_search(tiny(seed=5), INPUTS, max_extra_length=5)  # same graph, new weights
-    assert decode._greedy._cache_size() == before
+    decoding.greedy_search(model, INPUTS, max_extra_length=5)
+    before = greedy._greedy._cache_size()
+    decoding.greedy_search(model, INPUTS[::-1].copy(), max_extra_length=5, min_length=3)
+    decoding.greedy_search(tiny(seed=5), INPUTS, max_extra_length=5)  # same graph, new weights
+    assert greedy._greedy._cache_size() == before
 
 
 def test_bfloat16_decoding_agrees_with_float32(model):
@@ -217,11 +219,11 @@ def test_bfloat16_decoding_agrees_with_float32(model):
     than 0.02 (measured 0.008; bfloat16's eps is 2^-8)."""
     bf16 = tiny(dtype='bfloat16')
     np.testing.assert_array_equal(
-        decode.greedy_search(bf16, INPUTS, max_extra_length=5),
-        decode.greedy_search(model, INPUTS, max_extra_length=5),
+        decoding.greedy_search(bf16, INPUTS, max_extra_length=5),
+        decoding.greedy_search(model, INPUTS, max_extra_length=5),
     )
-    tokens, scores = decode.beam_search(bf16, INPUTS, max_extra_length=5)
-    want_tokens, want_scores = decode.beam_search(model, INPUTS, max_extra_length=5)
+    tokens, scores = decoding.beam_search(bf16, INPUTS, max_extra_length=5)
+    want_tokens, want_scores = decoding.beam_search(model, INPUTS, max_extra_length=5)
     np.testing.assert_array_equal(tokens, want_tokens)
     assert scores.dtype == jnp.float32
     assert np.abs(np.asarray(scores) - np.asarray(want_scores)).max() < 0.02
@@ -249,7 +251,7 @@ def test_beam_search_equals_exhaustive_enumeration():
     live prefix, so the search is exact and its 27 finished hypotheses are the true top 27."""
     model = tiny(vocab_size=6, seed=6)
     inputs = np.array([[4, 5, 3], [5, 3, 0]], np.int32)  # limits 3 + 1 and 2 + 1
-    tokens, scores, _ = decode.beam_search(
+    tokens, scores, _ = decoding.beam_search(
         model, inputs, beam_size=27, max_extra_length=1, return_all=True
     )
     for row, limit in enumerate([4, 3]):
@@ -260,7 +262,7 @@ def test_beam_search_equals_exhaustive_enumeration():
 
 
 def test_beam_scores_are_full_forward_logprobs_over_length_penalty(model):
-    tokens, scores, logprobs = decode.beam_search(
+    tokens, scores, logprobs = decoding.beam_search(
         model, INPUTS, max_extra_length=5, return_all=True
     )
     tokens, scores = np.asarray(tokens), np.asarray(scores)  # [B, K, L], [B, K]
@@ -274,34 +276,9 @@ def test_beam_scores_are_full_forward_logprobs_over_length_penalty(model):
         np.testing.assert_allclose(scores[:, k], logprob / lp(lengths(tokens[:, k])), atol=1e-4)
 
 
-def test_beam_search_grown_in_phases_is_the_one_cache_search(model, monkeypatch):
-    """The caches grown in phases (L = 6 + 18 = 24: 3 phases of 8 positions; outputs of at
-    least 12 tokens cross two boundaries) give the search over one cache of the whole
-    length: the same hypotheses and scores, the full forward pass's log-probs."""
-    assert decode._phases(24) == [8, 16, 24]
-    settings = dict(max_extra_length=18, min_length=12, return_all=True)
-    phased = decode.beam_search(model, INPUTS, **settings)
-    monkeypatch.setattr(decode, '_phases', lambda length: [length])
-    decode._beam_search.clear_cache()  # traced again, with one phase
-    single = decode.beam_search(model, INPUTS, **settings)
-    decode._beam_search.clear_cache()
-    np.testing.assert_array_equal(phased.tokens, single.tokens)
-    np.testing.assert_allclose(phased.scores, single.scores, atol=1e-6)
-    best = np.asarray(phased.tokens[:, 0])
-    assert lengths(best).min() >= 12
-    logprob = full_logprobs(model, INPUTS, best).sum(-1)
-    np.testing.assert_allclose(np.asarray(phased.logprobs[:, 0]), logprob, atol=1e-4)
-
-
-def test_beam_size_one_without_length_penalty_is_greedy(model):
-    greedy = decode.greedy_search(model, INPUTS, max_extra_length=5)
-    beam, _ = decode.beam_search(model, INPUTS, beam_size=1, alpha=0.0, max_extra_length=5)
-    np.testing.assert_array_equal(beam, greedy)
-
-
 def test_length_penalty_favours_longer_outputs(model):
-    short, _ = decode.beam_search(model, INPUTS, alpha=0.0, max_extra_length=5)
-    long, _ = decode.beam_search(model, INPUTS, alpha=2.0, max_extra_length=5)
+    short, _ = decoding.beam_search(model, INPUTS, alpha=0.0, max_extra_length=5)
+    long, _ = decoding.beam_search(model, INPUTS, alpha=2.0, max_extra_length=5)
     assert lengths(long).sum() > lengths(short).sum()
 
 
@@ -309,7 +286,7 @@ def test_length_penalty_favours_longer_outputs(model):
 
 
 def lm_sample(lm, **settings):
-    return np.asarray(decode.sample(lm, PROMPTS, PROMPT_LENGTHS, max_length=12, **settings))
+    return np.asarray(decoding.sample(lm, PROMPTS, PROMPT_LENGTHS, max_length=12, **settings))
 
 
 def test_greedy_sampling_is_argmax_of_full_forward_and_keeps_prompts(lm):
@@ -320,7 +297,7 @@ def test_greedy_sampling_is_argmax_of_full_forward_and_keeps_prompts(lm):
         np.testing.assert_array_equal(tokens[row, :p], PROMPTS[row, :p])
         np.testing.assert_array_equal(logits[row, p:n].argmax(-1), tokens[row, p:n])
     for row, p in enumerate(PROMPT_LENGTHS):  # the same alone as beside other prompt lengths
-        alone = decode.sample(lm, PROMPTS[row : row + 1], [p], max_length=12, temperature=0)
+        alone = decoding.sample(lm, PROMPTS[row : row + 1], [p], max_length=12, temperature=0)
         np.testing.assert_array_equal(np.asarray(alone)[0], tokens[row])
 
 
@@ -351,9 +328,9 @@ def test_top_k_samples_only_the_k_best(lm):
 def test_translate_pads_batches_without_changing_results(model, beam_size):
     """batching.translate buckets shapes (3 x 6 -> 4 x 8); the sentences come out the same."""
     if beam_size == 1:
-        direct = np.asarray(decode.greedy_search(model, INPUTS, max_extra_length=5))
+        direct = np.asarray(decoding.greedy_search(model, INPUTS, max_extra_length=5))
     else:
-        direct, _ = decode.beam_search(model, INPUTS, beam_size=3, max_extra_length=5)
+        direct, _ = decoding.beam_search(model, INPUTS, beam_size=3, max_extra_length=5)
         direct = np.asarray(direct)
     padded = batching.translate(model, INPUTS, beam_size=beam_size, max_extra_length=5)
     assert padded.shape[0] == 3
@@ -375,5 +352,5 @@ def test_translate_nbest_lists_the_beam_best_first_with_the_one_best_first(model
     assert np.all(np.diff(nbest.scores, axis=1) <= 0) and np.isfinite(nbest.scores).all()
     assert all(len({tuple(row) for row in beams}) == 3 for beams in nbest.tokens)
     for bad in ({'beam_size': 4, 'nbest': 5}, {'beam_size': 1, 'nbest': 1}):
-        with pytest.raises(decode.SearchError, match='--beam_size >='):
+        with pytest.raises(batching.SearchError, match='--beam_size >='):
             batching.translate(model, INPUTS, max_extra_length=5, **bad)

@@ -2,7 +2,6 @@
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -58,7 +57,7 @@ def test_multi_head_attention_matches_float64(implementation):
     mask = attention.padding_mask(
         jnp.ones((2, 3), bool), jnp.array([[1] * 6, [1] * 4 + [0] * 2], bool)
     )
-    out = mha(x_q, x_kv, mask=mask)
+    out, _ = mha(x_q, x_kv, mask=mask)
     assert out.shape == (2, 3, 12)
     assert np.abs(np.asarray(out) - numpy_mha(mha, x_q, x_kv, mask)).max() < 1e-5
 
@@ -66,14 +65,14 @@ def test_multi_head_attention_matches_float64(implementation):
 def test_head_mask_removes_exactly_that_head():
     mha = layers.MultiHeadAttention(8, 2, 4, 4, rngs=nnx.Rngs(1))
     x = np.random.default_rng(1).standard_normal((1, 4, 8)).astype(np.float32)
-    full = np.asarray(mha(x, x))
+    full = np.asarray(mha(x, x)[0])
     mha.head_mask[...] = jnp.array([1.0, 0.0])
-    ablated = np.asarray(mha(x, x))
+    ablated = np.asarray(mha(x, x)[0])
     assert not np.allclose(full, ablated)
     np.testing.assert_allclose(ablated, numpy_mha(mha, x, x), atol=1e-5)
     # Only head 0 contributes: its share of W^O applied to its output.
     mha.head_mask[...] = jnp.array([1.0, 1.0])
-    np.testing.assert_allclose(np.asarray(mha(x, x)), full, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(mha(x, x)[0]), full, atol=1e-6)
 
 
 def test_sown_attention_weights():
@@ -115,92 +114,51 @@ def test_learned_positions_lookup():
 
 
 def test_kv_cache_guards():
-    """Each decoding mode runs only over its own cache, filled for this batch."""
+    """Attention needs keys/values from somewhere; a cache only grows."""
     mha = layers.MultiHeadAttention(8, 2, 4, 4, rngs=nnx.Rngs(8))
-    with pytest.raises(ValueError, match=r'append_and_attend needs init_cache\('):
-        mha.append_and_attend(jnp.ones((1, 1, 8)))
-    with pytest.raises(ValueError, match=r'attend_to_source needs init_cross_cache\('):
-        mha.attend_to_source(jnp.ones((1, 1, 8)))
-    mha.init_cache(1, 4)
-    with pytest.raises(ValueError, match='5 positions do not fit a cache of 4'):
-        mha.append_and_attend(jnp.ones((1, 5, 8)))
-    assert int(mha.cache_index[...]) == 0
-    mha.append_and_attend(jnp.ones((1, 1, 8)))
-    assert int(mha.cache_index[...]) == 1
-    assert jax.tree.leaves(nnx.state(mha, layers.DecodeCache))
-    assert not jax.tree.leaves(nnx.state(mha, layers.SourceCache))  # no source projected
+    with pytest.raises(ValueError, match='give inputs_kv, a cache, or both'):
+        mha(jnp.ones((1, 1, 8)), None)
+    cache = mha.empty_cache(1, 4)
+    assert int(cache.index) == 0 and cache.length == 4
+    _, cache = mha(jnp.ones((1, 1, 8)), jnp.ones((1, 1, 8)), cache=cache)
+    assert int(cache.index) == 1
+    with pytest.raises(ValueError, match='3 entries < the cache'):
+        cache.grow(3)
 
 
 def test_cached_self_attention_equals_causal_attention():
-    """Step t attends to positions 0..t of the cache: the causal mask, one row at a time."""
+    """Step t attends to positions 0..t of the cache: the causal mask, one row at a time;
+    a prompt's several positions at once are causal among themselves too."""
     mha = layers.MultiHeadAttention(8, 2, 4, 3, rngs=nnx.Rngs(9))
     x = np.random.default_rng(9).standard_normal((2, 5, 8)).astype(np.float32)
-    full = np.asarray(mha(x, x, mask=attention.causal_mask(5)))
-    mha.init_cache(2, 5)
-    steps = np.concatenate(
-        [np.asarray(mha.append_and_attend(x[:, t : t + 1])) for t in range(5)], 1
-    )
-    np.testing.assert_allclose(steps, full, atol=1e-6)
-
-
-def test_beam_slots_follow_reordered_hypotheses():
-    """With beams, each row attends to its own history after any reordering of the rows
-    (`cache_slots` taken by parent, as a beam search does): every step equals causal
-    attention over the inputs that row's hypothesis was fed, recomputed from scratch."""
-    B, K, L, D = 2, 3, 5, 8
-    mha = layers.MultiHeadAttention(D, 2, 4, 3, rngs=nnx.Rngs(11))
-    rng = np.random.default_rng(11)
-    mha.init_cache(B, L, beams=K)
-    history = [[] for _ in range(B * K)]  # per row, the inputs of its hypothesis
-    for t in range(L):
-        if t:  # every row continues a random parent of its own sentence
-            rows = (np.arange(B)[:, None] * K + rng.integers(0, K, (B, K))).reshape(-1)
-            mha.cache_slots[...] = jnp.take(mha.cache_slots[...], rows, axis=0)
-            history = [list(history[r]) for r in rows]
-        x = rng.standard_normal((B * K, 1, D)).astype(np.float32)
-        out = np.asarray(mha.append_and_attend(x))[:, 0]  # [R, D]
-        for r in range(B * K):
-            history[r].append(x[r, 0])
-            seq = np.stack(history[r])[None]  # [1, t + 1, D]
-            want = np.asarray(mha(seq, seq, mask=attention.causal_mask(t + 1)))[0, -1]
-            np.testing.assert_allclose(out[r], want, atol=1e-5, err_msg=f'step {t}, row {r}')
-    assert len({tuple(map(tuple, h)) for h in map(np.asarray, history)}) > 1  # they differ
+    full, _ = mha(x, x, mask=attention.causal_mask(5))
+    cache, steps = mha.empty_cache(2, 5), []
+    for t in range(5):
+        out, cache = mha(x[:, t : t + 1], x[:, t : t + 1], cache=cache)
+        steps.append(np.asarray(out))
+    np.testing.assert_allclose(np.concatenate(steps, 1), np.asarray(full), atol=1e-6)
+    first, cache = mha(x[:, :3], x[:, :3], cache=mha.empty_cache(2, 5))  # a prefill of 3
+    rest, _ = mha(x[:, 3:], x[:, 3:], cache=cache)
+    np.testing.assert_allclose(np.concatenate([first, rest], 1), np.asarray(full), atol=1e-6)
 
 
 def test_a_grown_cache_keeps_what_was_written():
-    """Three steps in a cache of 3, grown to 5, two more steps: causal attention throughout,
-    with beams; a cache is never shrunk."""
-    B, K, D = 1, 2, 8
-    mha = layers.MultiHeadAttention(D, 2, 4, 3, rngs=nnx.Rngs(13))
-    x = np.random.default_rng(13).standard_normal((B * K, 5, D)).astype(np.float32)
-    full = np.asarray(mha(x, x, mask=attention.causal_mask(5)))
-    mha.init_cache(B, 3, beams=K)
-    steps = [np.asarray(mha.append_and_attend(x[:, t : t + 1])) for t in range(3)]
-    mha.grow_cache(5)
-    steps += [np.asarray(mha.append_and_attend(x[:, t : t + 1])) for t in range(3, 5)]
-    np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-6)
-    with pytest.raises(ValueError, match='4 positions < the cache'):
-        mha.grow_cache(4)
+    """Three steps in a cache of 3, grown to 5, two more steps: causal attention throughout."""
+    mha = layers.MultiHeadAttention(8, 2, 4, 3, rngs=nnx.Rngs(13))
+    x = np.random.default_rng(13).standard_normal((2, 5, 8)).astype(np.float32)
+    full, _ = mha(x, x, mask=attention.causal_mask(5))
+    cache, steps = mha.empty_cache(2, 3), []
+    for t in range(5):
+        if t == 3:
+            cache = cache.grow(5)
+        out, cache = mha(x[:, t : t + 1], x[:, t : t + 1], cache=cache)
+        steps.append(np.asarray(out))
+    np.testing.assert_allclose(np.concatenate(steps, 1), np.asarray(full), atol=1e-6)
 
 
-def test_beams_of_a_sentence_attend_to_its_source():
-    """B * K rows over a source cached once per sentence: row r attends to sentence r // K."""
-    B, K = 2, 3
-    mha = layers.MultiHeadAttention(8, 2, 4, 3, rngs=nnx.Rngs(12))
-    rng = np.random.default_rng(12)
-    y = rng.standard_normal((B * K, 1, 8)).astype(np.float32)
-    source = rng.standard_normal((B, 6, 8)).astype(np.float32)
-    valid = jnp.array([[1] * 6, [1] * 4 + [0] * 2], bool)
-    mha.init_cross_cache(source)
-    cached = np.asarray(mha.attend_to_source(y, mask=valid[:, None, None, :]))
-    repeated = np.repeat(source, K, axis=0)
-    mask = attention.padding_mask(jnp.ones((B * K, 1), bool), jnp.repeat(valid, K, axis=0))
-    np.testing.assert_allclose(cached, np.asarray(mha(y, repeated, mask=mask)), atol=1e-6)
-
-
-def test_cached_source_is_this_batchs():
-    """attend_to_source == full attention over the projected source; a source cached for
-    a batch whose rows are not a multiple of its sentences is refused."""
+def test_projected_source_equals_attention_over_it():
+    """A source projected once (`project`) and attended through the cache == full attention
+    over it, padding masked."""
     mha = layers.MultiHeadAttention(8, 2, 4, 3, rngs=nnx.Rngs(10))
     rng = np.random.default_rng(10)
     y = rng.standard_normal((2, 3, 8)).astype(np.float32)
@@ -208,8 +166,7 @@ def test_cached_source_is_this_batchs():
     mask = attention.padding_mask(
         jnp.ones((2, 3), bool), jnp.array([[1] * 6, [1] * 4 + [0] * 2], bool)
     )
-    mha.init_cross_cache(source)
-    cached = np.asarray(mha.attend_to_source(y, mask=mask))
-    np.testing.assert_allclose(cached, np.asarray(mha(y, source, mask=mask)), atol=1e-6)
-    with pytest.raises(ValueError, match='cached source has 2 rows but the decoder step has 3'):
-        mha.attend_to_source(jnp.ones((3, 1, 8)))
+    cached, cache = mha(y, None, mask=mask, cache=mha.project(source))
+    full, _ = mha(y, source, mask=mask)
+    np.testing.assert_allclose(np.asarray(cached), np.asarray(full), atol=1e-6)
+    assert int(cache.index) == 6  # unchanged: nothing appended

@@ -129,7 +129,7 @@ def test_layer_matches_float64(side, pre_ln):
         self_mask = attention.padding_mask(jnp.ones((1, 4), bool), jnp.array([[1, 1, 1, 0]], bool))
         got = layer(jnp.asarray(x, jnp.float32), mask=self_mask)
     else:
-        got = layer(
+        got, _ = layer(
             jnp.asarray(x, jnp.float32),
             self_mask=self_mask,
             encoded=jnp.asarray(encoded, jnp.float32),
@@ -292,13 +292,12 @@ def test_incremental_decoding_equals_full_forward():
     targets = jnp.array([pad(TARGET_A, 5), TARGET_B])
     full = np.asarray(model(inputs, targets))
     decoder_inputs = shift_right(targets)
-    model.decoder.init_cache(batch_size=2, max_length=5, encoded=model.encode(inputs))
-    steps = [
-        model.decode_step(
-            decoder_inputs[:, t : t + 1], positions=jnp.full((2, 1), t), inputs=inputs
+    cache, steps = model.init_cache(inputs, 5), []
+    for t in range(5):
+        logits, cache = model.extend(
+            decoder_inputs[:, t : t + 1], positions=jnp.full((2, 1), t), cache=cache, inputs=inputs
         )
-        for t in range(5)
-    ]
+        steps.append(logits)
     incremental = np.concatenate([np.asarray(s) for s in steps], axis=1)
     assert np.abs(incremental[0, :4] - full[0, :4]).max() < TOL  # real target positions
     assert np.abs(incremental[1] - full[1]).max() < TOL

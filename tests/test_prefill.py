@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attn.decoding import search as decode
-from attn.model import LanguageModel, attention, layers, shift_right
+from attn import decoding
+from attn.decoding import common, sampling
+from attn.model import LanguageModel, shift_right
 from attn.model.tokens import BOS_ID, PAD_ID
 from tests import test_decode
 
@@ -54,49 +55,39 @@ def forward(model, tokens):
     return model(tokens)
 
 
-def test_appending_several_positions_equals_causal_attention():
-    """Four positions appended at once, then three one at a time == causal attention."""
-    mha = layers.MultiHeadAttention(8, 2, 4, 3, rngs=nnx.Rngs(1))
-    x = np.random.default_rng(1).standard_normal((2, 7, 8)).astype(np.float32)
-    full = np.asarray(mha(x, x, mask=attention.causal_mask(7)))
-    mha.init_cache(2, 7)
-    parts = [mha.append_and_attend(x[:, :4])] + [
-        mha.append_and_attend(x[:, t : t + 1]) for t in range(4, 7)
-    ]
-    assert int(mha.cache_index[...]) == 7
-    np.testing.assert_allclose(np.concatenate([np.asarray(p) for p in parts], 1), full, atol=1e-6)
-
-
 def test_prefill_logits_equal_step_by_step_and_full_forward(lm):
-    """decode_step over the P prompt positions at once, then single steps: the logits at
+    """`extend` over the P prompt positions at once, then single steps: the logits at
     every prompt position and at the positions after it equal the token-by-token path
     (`forced_decode`) and the full forward pass."""
     inputs = shift_right(jnp.asarray(TARGETS))  # [B, T]
     B, T = inputs.shape
-    model = nnx.clone(lm)
-    model.decoder.init_cache(B, T)
+    cache = lm.init_cache(B, T)
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    prefilled = [model.decode_step(inputs[:, :P], positions=positions[:, :P])]  # [B, P, V]
+    logits, cache = lm.extend(inputs[:, :P], positions=positions[:, :P], cache=cache)
+    prefilled = [logits]  # [B, P, V]
     for t in range(P, T):
-        prefilled.append(model.decode_step(inputs[:, t : t + 1], positions=positions[:, t : t + 1]))
+        logits, cache = lm.extend(
+            inputs[:, t : t + 1], positions=positions[:, t : t + 1], cache=cache
+        )
+        prefilled.append(logits)
     prefilled = np.concatenate([np.asarray(x) for x in prefilled], 1)  # [B, T, V]
-    stepwise = np.asarray(decode.forced_decode(lm, None, inputs))
+    stepwise = np.asarray(decoding.forced_decode(lm, None, inputs))
     np.testing.assert_allclose(prefilled, stepwise, atol=TOL, rtol=0)
     np.testing.assert_allclose(prefilled, np.asarray(forward(lm, TARGETS)), atol=TOL, rtol=0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _prefilled_steps(graphdef, state, prompts, lengths, targets, start):
-    """`decode._prefill`, then teacher-forced single steps from position `start` on:
+    """`sampling.prefill_prompts`, then teacher-forced single steps from position `start` on:
     (m, the input at m, logits [B, T - start, V])."""
     B, T = targets.shape
-    step, cache, _ = decode._start(graphdef, state, None, batch_size=B, copies=1, length=T)
-    m, last, cache = decode._prefill(step, cache, prompts, lengths)
+    step, cache = common.start(graphdef, state, None, batch_size=B, length=T)
+    m, last, cache = sampling.prefill_prompts(step, cache, prompts, lengths)
     inputs = shift_right(targets)
     logits = []
     for t in range(start, T):
-        out, cache = step(cache, inputs[:, t], t)  # [B, V]
-        logits.append(out)
+        out, cache = step(cache, inputs[:, t : t + 1], common.at_position(t, B))  # [B, 1, V]
+        logits.append(out[:, 0])
     return m, last, jnp.stack(logits, 1)
 
 
@@ -124,7 +115,7 @@ def test_prefilled_sampling_equals_token_by_token(lm, lengths, temperature):
     depend on where the prompt was fed)."""
 
     def run(prefill):
-        tokens = decode.sample(
+        tokens = decoding.sample(
             lm,
             prompts(lengths),
             lengths,
@@ -143,12 +134,12 @@ def test_prefilled_sampling_equals_token_by_token(lm, lengths, temperature):
         logits = np.array(forward(lm, tokens))
         logits[..., [PAD_ID, BOS_ID]] = -np.inf  # never generated
         for row, p in enumerate(lengths):
-            n = decode.output_length(tokens[row])
+            n = decoding.output_length(tokens[row])
             np.testing.assert_array_equal(logits[row, p:n].argmax(-1), tokens[row, p:n])
 
 
 def test_prompts_that_fill_the_output_come_back_unchanged(lm):
     """max_length = P with every prompt full: nothing left to generate."""
     full = prompts([P] * 4)
-    tokens = decode.sample(lm, full, [P] * 4, max_length=P, temperature=0.0)
+    tokens = decoding.sample(lm, full, [P] * 4, max_length=P, temperature=0.0)
     np.testing.assert_array_equal(np.asarray(tokens), full)

@@ -11,9 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from attn import rundir
+from attn import decoding, rundir
 from attn.data import datasets
-from attn.decoding import search as decode
 from attn.errors import UserError
 from attn.inference import evaluation, scoring, text
 from attn.model import shift_right
@@ -40,13 +39,13 @@ def _given(data, examples) -> datasets.Data:
 
 def test_the_score_of_greedy_output_is_the_sum_of_its_step_logprobs(trained):
     """Greedy search's step log-probs (its own cached step function, fed its own output:
-    `decode.forced_decode`, whose argmax over the tokens it may produce is checked to be
+    `decoding.forced_decode`, whose argmax over the tokens it may produce is checked to be
     the greedy choice) sum to the score of that output."""
     run, data = trained
     lines = [datasets.text(x['en']) for x in data.splits['test'][:4]]
     inputs = text.encode_batch(lines, data.tokenizer, 64, 1)  # [4, S]
-    greedy = np.asarray(decode.greedy_search(run.model, inputs, max_extra_length=5))  # [4, L]
-    steps = np.asarray(decode.forced_decode(run.model, inputs, shift_right(greedy)))  # [4, L, V]
+    greedy = np.asarray(decoding.greedy_search(run.model, inputs, max_extra_length=5))  # [4, L]
+    steps = np.asarray(decoding.forced_decode(run.model, inputs, shift_right(greedy)))  # [4, L, V]
     real = greedy != PAD_ID  # [4, L]
     choosable = steps.copy()
     choosable[..., [PAD_ID, BOS_ID]] = -np.inf  # greedy search never produces these
@@ -162,7 +161,7 @@ def test_a_language_model_scores_text_by_its_evaluation_loss(trained):
     ids = [data.tokenizer.encode(x['de']) for x in examples]
     width = max(len(row) for row in ids)
     targets = np.array([row + [PAD_ID] * (width - len(row)) for row in ids])  # [4, T]
-    steps = np.asarray(decode.forced_decode(model, None, shift_right(targets)))  # [4, T, V]
+    steps = np.asarray(decoding.forced_decode(model, None, shift_right(targets)))  # [4, T, V]
     want = np.take_along_axis(jax.nn.log_softmax(steps), targets[..., None], -1)[..., 0]
     for row, record in zip(want, records, strict=True):  # causal: padding after changes nothing
         np.testing.assert_allclose(

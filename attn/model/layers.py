@@ -8,6 +8,7 @@ size (d_v), D d_model, F d_ff, V vocabulary, L cache length.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,21 +31,73 @@ def _xavier(rngs: nnx.Rngs, fan_in: int, fan_out: int, shape: tuple[int, ...]) -
     return kernel.reshape(shape)
 
 
-class DecodeCache(nnx.Cache):
-    """Self-attention keys/values of the positions decoded so far, and the next position."""
+class KVCache(NamedTuple):
+    """Keys and values of the entries attended to so far, and where the next one goes: the
+    decoder's self-attention cache (one entry per position, or `width` per position when
+    several hypotheses of a row write side by side, as a beam search's do), or a source
+    projected once for encoder-decoder attention (every entry written).
 
-
-class BeamSlots(DecodeCache):
-    """Beam search: the slot holding each cached position's keys/values, per hypothesis.
-
-    Keys/values are written once, into the slot of the hypothesis that fed the position,
-    and never move; when beams are reordered only this [B * beams, L] table follows its
-    hypotheses (the search's reorder), not every layer's key/value cache (`init_cache`).
+    Stored head-major, keys [B, N, K, L] and values [B, N, L, H]: the layouts of the
+    step's two products (queries x keys, probabilities x values). On CPU, keys stored
+    [B, L, N, K] made queries x keys 3x slower.
     """
 
+    keys: jax.Array  # [B, N, K, L]
+    values: jax.Array  # [B, N, L, H]
+    index: jax.Array  # [] int32, entries written
 
-class SourceCache(nnx.Cache):
-    """Encoder-decoder attention: the source's keys/values, projected once per batch."""
+    @classmethod
+    def empty(cls, batch_size: int, length: int, num_heads: int, qk_dim: int, v_dim: int, dtype):
+        """`length` free entries for `batch_size` rows."""
+        N, K, H = num_heads, qk_dim, v_dim
+        return cls(
+            jnp.zeros((batch_size, N, K, length), dtype),
+            jnp.zeros((batch_size, N, length, H), dtype),
+            jnp.array(0, jnp.int32),
+        )
+
+    @classmethod
+    def full(cls, keys: jax.Array, values: jax.Array) -> KVCache:
+        """A cache holding keys [B, S, N, K] and values [B, S, N, H], every entry written."""
+        S = keys.shape[1]
+        return cls(
+            keys.transpose(0, 2, 3, 1), values.transpose(0, 2, 1, 3), jnp.array(S, jnp.int32)
+        )
+
+    @property
+    def length(self) -> int:
+        return self.values.shape[2]
+
+    def append(self, keys: jax.Array, values: jax.Array) -> KVCache:
+        """Writes T new entries, keys [B, T, N, K] and values [B, T, N, H], at the index.
+        The caller keeps index + T within the length (the write would be clamped)."""
+        at = self.index
+        return KVCache(
+            jax.lax.dynamic_update_slice(self.keys, keys.transpose(0, 2, 3, 1), (0, 0, 0, at)),
+            jax.lax.dynamic_update_slice(self.values, values.transpose(0, 2, 1, 3), (0, 0, at, 0)),
+            at + keys.shape[1],
+        )
+
+    def causal_mask(self, new: int) -> jax.Array:
+        """[1, 1, T, L]: the T = `new` entries about to be appended each see the written
+        ones and themselves up to their own (causal by construction, §3.2.3)."""
+        written = jnp.arange(self.length)[None, :] <= self.index + jnp.arange(new)[:, None]
+        return written[None, None]
+
+    def grow(self, length: int) -> KVCache:
+        """The same cache with room for `length` entries (the new ones at the end)."""
+        if length < self.length:
+            raise ValueError(f"KVCache.grow: {length} entries < the cache's {self.length}.")
+        extra = length - self.length
+        return KVCache(
+            jnp.pad(self.keys, ((0, 0), (0, 0), (0, 0), (0, extra))),
+            jnp.pad(self.values, ((0, 0), (0, 0), (0, extra), (0, 0))),
+            self.index,
+        )
+
+    def attended(self) -> tuple[jax.Array, jax.Array]:
+        """(keys [B, L, N, K], values [B, L, N, H]) as attention takes them."""
+        return self.keys.transpose(0, 3, 1, 2), self.values.transpose(0, 2, 1, 3)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -52,14 +105,8 @@ class MultiHeadAttention(nnx.Module):
     head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)                         (§3.2.2)
 
     Query/key and value head sizes are independent (Table 3 row B changes d_k
-    alone). Projections have no bias, as in the paper's equations.
-
-    One method per way of attending:
-      `__call__(inputs_q, inputs_kv)`: every query position at once (training, scoring);
-      `append_and_attend(inputs_q)`: self-attention of one decoding step (or of a
-        prefill's several positions) over the positions decoded so far (after `init_cache`);
-      `attend_to_source(inputs_q)`: one decoding step of encoder-decoder attention over
-        the source projected by `init_cross_cache`.
+    alone). Projections have no bias, as in the paper's equations. The module holds
+    parameters only: a decoding cache (`KVCache`) goes in and comes out of `__call__`.
     """
 
     def __init__(
@@ -87,12 +134,58 @@ class MultiHeadAttention(nnx.Module):
         # attention probabilities as nnx.Intermediate 'attention_weights' [B, N, T, S];
         # read them with `nnx.capture(model, nnx.Intermediate)(...)`.
         self.capture_weights = False
-        self.cache_key: DecodeCache | None = nnx.data(None)
-        self.cache_value: DecodeCache | None = nnx.data(None)
-        self.cache_slots: BeamSlots | None = nnx.data(None)
-        self.cache_index: DecodeCache | None = nnx.data(None)
-        self.source_key: SourceCache | None = nnx.data(None)
-        self.source_value: SourceCache | None = nnx.data(None)
+
+    def __call__(
+        self,
+        inputs_q: jax.Array,
+        inputs_kv: jax.Array | None,
+        *,
+        mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Attends from every position of `inputs_q` [B, T, D] to the keys/values of
+        `inputs_kv` [B, S, D], or through a cache:
+
+          cache=None: keys/values from inputs_kv (training, scoring, a whole pass);
+          cache and inputs_kv: self-attention of T new positions: their keys/values are
+            appended to the cache first, and mask defaults to `cache.causal_mask(T)`;
+          cache, inputs_kv=None: attention over the cache as it is (a source projected
+            once by `project`).
+
+        Args:
+          mask: [B|1, N|1, T, S] bool, True = may attend (S = the cache's length with one).
+          deterministic: False applies attention dropout (if configured).
+          rngs: provides the 'dropout' stream when not deterministic.
+        Returns:
+          ([B, T, D], the cache with the new entries, or None without one).
+        """
+        if cache is None:
+            if inputs_kv is None:
+                raise ValueError('MultiHeadAttention: give inputs_kv, a cache, or both.')
+            key, value = self._keys_values(inputs_kv)  # [B, S, N, K], [B, S, N, H]
+        else:
+            if inputs_kv is not None:
+                if mask is None:
+                    mask = cache.causal_mask(inputs_kv.shape[1])
+                cache = cache.append(*self._keys_values(inputs_kv))
+            key, value = cache.attended()  # [B, L, N, K], [B, L, N, H]
+        dropout_rate = 0.0 if deterministic else self.attention_dropout_rate
+        dropout_rng = rngs.dropout() if dropout_rate > 0.0 else None
+        return self._attend(
+            self._queries(inputs_q), key, value, mask, dropout_rate, dropout_rng
+        ), cache
+
+    def project(self, inputs_kv: jax.Array) -> KVCache:
+        """The keys/values of `inputs_kv` [B, S, D] as a full cache: a source projected once
+        for every decoding step of encoder-decoder attention."""
+        return KVCache.full(*self._keys_values(inputs_kv))
+
+    def empty_cache(self, batch_size: int, length: int) -> KVCache:
+        """An empty self-attention cache of `length` entries in this layer's shapes."""
+        _, N, K = self.key.shape
+        return KVCache.empty(batch_size, length, N, K, self.value.shape[-1], self.dtype)
 
     # ------------------------------------------------------------------ projections
 
@@ -127,168 +220,6 @@ class MultiHeadAttention(nnx.Module):
         B, T, N, H = out.shape
         out = out.reshape(B, T, N * H)
         return out @ self.out[...].astype(self.dtype).reshape(N * H, -1)  # [B, T, D]
-
-    # -------------------------------------------------------------- full attention
-
-    def __call__(
-        self,
-        inputs_q: jax.Array,
-        inputs_kv: jax.Array,
-        *,
-        mask: jax.Array | None = None,
-        deterministic: bool = True,
-        rngs: nnx.Rngs | None = None,
-    ) -> jax.Array:
-        """Attends from every position of `inputs_q` [B, T, D] to `inputs_kv` [B, S, D].
-
-        Args:
-          mask: [B|1, N|1, T, S] bool, True = may attend.
-          deterministic: False applies attention dropout (if configured).
-          rngs: provides the 'dropout' stream when not deterministic.
-        Returns:
-          [B, T, D].
-        """
-        query = self._queries(inputs_q)
-        key, value = self._keys_values(inputs_kv)
-        dropout_rate = 0.0 if deterministic else self.attention_dropout_rate
-        dropout_rng = rngs.dropout() if dropout_rate > 0.0 else None
-        return self._attend(query, key, value, mask, dropout_rate, dropout_rng)
-
-    # ------------------------------------------------------------ cached decoding
-
-    def init_cache(self, batch_size: int, max_length: int, *, beams: int = 1) -> None:
-        """Self-attention: an empty key/value cache, filled by `append_and_attend` calls
-        (one position per decoding step, several per prefill).
-
-        Caches are stored head-major, keys [B, N, K, L * beams] and values
-        [B, N, L * beams, H], position-major with one slot per beam (entry l * beams + k is
-        position l of slot k): a step's rows R = B * beams are sentence-major (row
-        b * beams + k is beam k of sentence b) and write their keys/values into their own
-        slot, one contiguous block per step; `cache_slots` [R, L] says which slot holds
-        each position of each row's history (its own, until a beam search reorders the
-        rows). Both are the layouts of the step's products (queries x keys, probabilities
-        x values): on CPU, keys stored [..., L * beams, K] made queries x keys 3x slower.
-        """
-        _, N, K = self.key.shape
-        H = self.value.shape[-1]
-        J = max_length * beams
-        self.cache_key = DecodeCache(jnp.zeros((batch_size, N, K, J), self.dtype))
-        self.cache_value = DecodeCache(jnp.zeros((batch_size, N, J, H), self.dtype))
-        slots = jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32)[:, None], (beams, max_length))
-        self.cache_slots = BeamSlots(jnp.tile(slots, (batch_size, 1)))  # [R, L]
-        self.cache_index = DecodeCache(jnp.array(0, jnp.int32))
-
-    def append_and_attend(self, inputs_q: jax.Array) -> jax.Array:
-        """Self-attention through the cache: writes the keys/values of T new positions at the
-        cache index and attends from each to every position written up to and including
-        itself (causal by construction, §3.2.3). T = 1 is one decoding step; T > 1 fills
-        several positions in one parallel pass (a prompt's prefill). The caller keeps the
-        index + T within the cache length L (the write would be clamped).
-
-        The queries of a sentence's beams attend together, to all its slots at once, each
-        masked to its own history (`cache_slots`): every cached key/value is read once per
-        sentence, not once per beam. Each query scores all L x beams keys, beams - 1 of every
-        beams masked, so the products grow as beams^2 (cheap at the paper's beam of 4).
-
-        Args:
-          inputs_q: [R, T, D], the decoder stream at positions index, ..., index + T - 1
-            (R = B * beams rows, as in `init_cache`).
-        Returns:
-          [R, T, D].
-        """
-        if self.cache_index is None:
-            raise ValueError('append_and_attend needs init_cache(batch_size, max_length) first.')
-        R, T, D = inputs_q.shape
-        L = self.cache_slots.shape[1]
-        B, N = self.cache_key.shape[:2]
-        beams = self.cache_value.shape[2] // L
-        if T > L:
-            raise ValueError(f'append_and_attend: {T} positions do not fit a cache of {L}.')
-        if R != B * beams:
-            raise ValueError(
-                f'append_and_attend: {R} rows, but the cache holds {beams} beams of {B} sentences.'
-            )
-        key, value = self._keys_values(inputs_q)  # [R, T, N, *]
-        index = self.cache_index[...]
-
-        def block(x):  # [R, T, N, *] -> [B, N, T * beams, *]: every slot's new positions
-            x = x.reshape(B, beams, T, N, -1).transpose(0, 3, 2, 1, 4)
-            return x.reshape(B, N, T * beams, -1)
-
-        key, value = block(key), block(value)
-        at = index * beams
-        self.cache_key[...] = jax.lax.dynamic_update_slice(
-            self.cache_key[...], key.transpose(0, 1, 3, 2), (0, 0, 0, at)
-        )  # [B, N, K, L * beams]
-        self.cache_value[...] = jax.lax.dynamic_update_slice(
-            self.cache_value[...], value, (0, 0, at, 0)
-        )  # [B, N, L * beams, H]
-        own = jnp.broadcast_to(jnp.arange(R, dtype=jnp.int32)[:, None] % beams, (R, T))
-        slots = jax.lax.dynamic_update_slice(self.cache_slots[...], own, (0, index))  # [R, L]
-        self.cache_slots[...] = slots
-        self.cache_index[...] = index + T
-        # Query t of row r sits at position index + t and sees the positions up to that one,
-        # each in the slot its history holds it in.
-        written = jnp.arange(L)[None, :] <= index + jnp.arange(T)[:, None]  # [T, L]
-        mine = slots[:, :, None] == jnp.arange(beams)  # [R, L, beams]
-        mask = written[None, :, :, None] & mine[:, None]  # [R, T, L, beams]
-        mask = mask.reshape(B, 1, beams * T, L * beams)  # queries and keys of a sentence
-        keys = self.cache_key[...].transpose(0, 3, 1, 2)  # [B, L * beams, N, K]
-        values = self.cache_value[...].transpose(0, 2, 1, 3)  # [B, L * beams, N, H]
-        out = self._attend(
-            self._queries(inputs_q).reshape(B, beams * T, N, -1), keys, values, mask
-        )  # [B, beams * T, D]
-        return out.reshape(R, T, D)
-
-    def grow_cache(self, max_length: int) -> None:
-        """Lengthens the self-attention cache to `max_length` positions, keeping what is
-        written (position-major: the new positions go at the end of every slot's range).
-        A search grows it in phases, so that attention reads only the phase's length."""
-        L = self.cache_slots.shape[1]
-        if max_length < L:
-            raise ValueError(f"grow_cache: {max_length} positions < the cache's {L}.")
-        extra = (max_length - L) * (self.cache_value.shape[2] // L)  # positions x beams
-        key = jnp.pad(self.cache_key[...], ((0, 0), (0, 0), (0, 0), (0, extra)))
-        value = jnp.pad(self.cache_value[...], ((0, 0), (0, 0), (0, extra), (0, 0)))
-        self.cache_key, self.cache_value = DecodeCache(key), DecodeCache(value)
-        self.cache_slots = BeamSlots(jnp.pad(self.cache_slots[...], ((0, 0), (0, max_length - L))))
-
-    def init_cross_cache(self, inputs_kv: jax.Array) -> None:
-        """Encoder-decoder attention: the keys/values of the source `inputs_kv` [B, S, D],
-        projected once for every `attend_to_source` call of this batch."""
-        key, value = self._keys_values(inputs_kv)  # [B, S, N, *]
-        self.source_key = SourceCache(key.transpose(0, 2, 3, 1))  # [B, N, K, S], as the cache's
-        self.source_value = SourceCache(value.transpose(0, 2, 1, 3))  # [B, N, S, H]
-
-    def attend_to_source(self, inputs_q: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        """One decoding step of encoder-decoder attention over the cached source.
-
-        The rows may hold several beams per sentence (R = B * beams, sentence-major, B the
-        cached source's rows); a sentence's beams attend together, so the source is read
-        once per sentence.
-
-        Args:
-          inputs_q: [R, T, D] decoder positions (one per step when decoding).
-          mask: [B|1, 1, 1, S] bool, the source's padding.
-        Returns:
-          [R, T, D].
-        """
-        if self.source_key is None:
-            raise ValueError('attend_to_source needs init_cross_cache(encoded) first.')
-        B = self.source_key.shape[0]
-        R, T, D = inputs_q.shape
-        if R % B:
-            raise ValueError(
-                f'The cached source has {B} rows but the decoder step has {R}, not a '
-                f"multiple: init_cross_cache(encoded) with this batch's encoder output first."
-            )
-        out = self._attend(
-            self._queries(inputs_q).reshape(B, R // B * T, *self.query.shape[1:]),
-            self.source_key[...].transpose(0, 3, 1, 2),  # [B, S, N, K]
-            self.source_value[...].transpose(0, 2, 1, 3),  # [B, S, N, H]
-            mask,
-        )  # [B, beams * T, D]
-        return out.reshape(R, T, D)
 
 
 class FeedForward(nnx.Module):

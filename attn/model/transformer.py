@@ -158,7 +158,7 @@ class EncoderLayer(nnx.Module):
         norm_1, norm_2 = self.self_attention_residual.norm, self.feed_forward_residual.norm
         # Sub-layer 1: multi-head self-attention (§3.2.2).
         h = norm_1(x) if self.pre_ln else x
-        h = self.self_attention(h, h, mask=mask, deterministic=deterministic, rngs=rngs)
+        h, _ = self.self_attention(h, h, mask=mask, deterministic=deterministic, rngs=rngs)
         x = x + drop(h) if self.pre_ln else norm_1(x + drop(h))
         # Sub-layer 2: position-wise feed-forward network (§3.3).
         h = self.feed_forward(norm_2(x) if self.pre_ln else x)
@@ -193,40 +193,41 @@ class DecoderLayer(nnx.Module):
         cross_mask=None,
         deterministic=True,
         rngs=None,
-        decode=False,
-    ) -> jax.Array:
-        """y: [B, T, D] -> [B, T, D] (with decode, B may be R = sentences x beams rows).
+        cache: dict | None = None,
+    ) -> tuple[jax.Array, dict | None]:
+        """y: [B, T, D] -> ([B, T, D], the layer's cache with the new positions, or None).
 
         Args:
-          self_mask: [B, 1, T, T] (None with decode: the cache masks what is not written).
-          encoded: [B, S, D] encoder output (None with decode: its keys/values are cached).
-          cross_mask: [B, 1, T, S] ([B, 1, 1, S] with decode).
-          decode: T new positions (one per decoding step, the prompt's at a prefill)
-            through the caches of `Decoder.init_cache`.
+          self_mask: [B|1, 1, T, T] ([B|1, 1, T, L] with a cache; None: its causal mask).
+          encoded: [B, S, D] encoder output (None with a cache: its keys/values are in it).
+          cross_mask: [B|1, 1, T, S].
+          cache: {'self': KVCache, 'source': KVCache or None} of `Decoder.init_cache`: T
+            more positions, written into the self-attention cache.
         """
         drop = functools.partial(self.dropout, deterministic=deterministic, rngs=rngs)
         train = dict(deterministic=deterministic, rngs=rngs)
+        new_cache = None if cache is None else dict(cache)
         # Sub-layer 1: masked self-attention, over the targets so far (§3.2.3).
         norm = self.self_attention_residual.norm
         h = norm(y) if self.pre_ln else y
-        if decode:
-            h = self.self_attention.append_and_attend(h)
-        else:
-            h = self.self_attention(h, h, mask=self_mask, **train)
+        h, self_cache = self.self_attention(
+            h, h, mask=self_mask, cache=None if cache is None else cache['self'], **train
+        )
+        if cache is not None:
+            new_cache['self'] = self_cache
         y = y + drop(h) if self.pre_ln else norm(y + drop(h))
         # Sub-layer 2: encoder-decoder attention, queries from the decoder (§3.2.3).
         if self.cross_attention is not None:
             norm = self.cross_attention_residual.norm
             h = norm(y) if self.pre_ln else y
-            if decode:
-                h = self.cross_attention.attend_to_source(h, mask=cross_mask)
-            else:
-                h = self.cross_attention(h, encoded, mask=cross_mask, **train)
+            source = None if cache is None else cache['source']
+            kv = encoded if source is None else None
+            h, _ = self.cross_attention(h, kv, mask=cross_mask, cache=source, **train)
             y = y + drop(h) if self.pre_ln else norm(y + drop(h))
         # Sub-layer 3: position-wise feed-forward network (§3.3).
         norm = self.feed_forward_residual.norm
         h = self.feed_forward(norm(y) if self.pre_ln else y)
-        return y + drop(h) if self.pre_ln else norm(y + drop(h))
+        return (y + drop(h) if self.pre_ln else norm(y + drop(h))), new_cache
 
 
 # ----------------------------------------------------------------------------- stacks
@@ -318,18 +319,21 @@ class Decoder(nnx.Module):
         )
         layer_pass = _layer_pass(DecoderLayer, self.remat, deterministic)
         for layer in self.layers:
-            y = layer_pass(
+            y, _ = layer_pass(
                 layer, y, self_mask=self_mask, encoded=encoded, cross_mask=cross_mask, rngs=rngs
             )
         return self._finish(y, project)
 
-    def init_cache(self, batch_size: int, max_length: int, *, encoded=None, beams: int = 1) -> None:
-        """Caches for `decode_step`: every self-attention's keys/values (filled as positions
-        are decoded) and, of a decoder with encoder-decoder attention, the keys/values
-        of this batch's source `encoded` [B, S, D] (projected once here). Refusing to run
-        without `encoded` keeps another batch's source from being attended to. With
-        `beams` > 1 `decode_step` takes B * beams rows, `beams` per sentence
-        (`MultiHeadAttention.init_cache`)."""
+    def init_cache(
+        self, batch_size: int, max_length: int, *, encoded=None, width: int = 1
+    ) -> list[dict]:
+        """The caches `extend` reads and returns, one per layer: {'self': an empty KVCache of
+        max_length x width entries, 'source': the keys/values of this batch's source
+        `encoded` [B, S, D], projected once (None for a decoder-only model)}. Refusing to
+        run without `encoded` keeps another batch's source from being attended to.
+
+        `width` > 1 leaves room for that many entries per position: a beam search writes
+        its hypotheses' keys/values side by side, `width` per step."""
         if self.attends_to_source and encoded is None:
             raise ValueError(
                 'Decoder.init_cache: this decoder attends to a source; pass encoded=[B, S, D], '
@@ -341,41 +345,47 @@ class Decoder(nnx.Module):
             raise ValueError(
                 f'Decoder.init_cache: encoded has {encoded.shape[0]} rows, not {batch_size}.'
             )
-        if self.embedder.learned is not None:
-            check_learned_length(self.embedder.learned, max_length, 'decoding caches')
-        for layer in self.layers:
-            layer.self_attention.init_cache(batch_size, max_length, beams=beams)
-            if self.attends_to_source:
-                layer.cross_attention.init_cross_cache(encoded)
+        self.check_positions(max_length)
+        return [
+            {
+                'self': layer.self_attention.empty_cache(batch_size, max_length * width),
+                'source': layer.cross_attention.project(encoded) if encoded is not None else None,
+            }
+            for layer in self.layers
+        ]
 
-    def grow_cache(self, max_length: int) -> None:
-        """Every self-attention cache lengthened to `max_length` positions (`init_cache`'s
-        content kept; `MultiHeadAttention.grow_cache`)."""
+    def check_positions(self, length: int) -> None:
+        """Raises unless decoding `length` positions fits the positional encoding (a learned
+        table has max_len rows; sinusoids fit any length)."""
         if self.embedder.learned is not None:
-            check_learned_length(self.embedder.learned, max_length, 'decoding caches')
-        for layer in self.layers:
-            layer.self_attention.grow_cache(max_length)
+            check_learned_length(self.embedder.learned, length, 'decoding caches')
 
-    def decode_step(self, tokens, *, positions, source_valid=None) -> jax.Array:
+    def extend(
+        self, tokens, *, positions, cache: list[dict], self_mask=None, source_valid=None
+    ) -> tuple[jax.Array, list[dict]]:
         """Logits of the next token after T more positions, through the caches: one per
         decoding step, or a prompt's at once (a prefill; causal within the T).
 
         Args:
-          tokens: [R, T] the next inputs of each row (BOS first); R = B * beams
-            (`init_cache`).
-          positions: [R, T] their positions, starting at the caches' index.
+          tokens: [B, T] the next inputs of each row (BOS first).
+          positions: [B, T] their positions.
+          cache: from `init_cache` or the last `extend`.
+          self_mask: [B|1, 1, T, L] which self-attention cache entries each new position
+            sees (None: the written ones, causally).
           source_valid: [B, S] bool, the source's real (non-PAD) tokens (None for a
             decoder-only model).
         Returns:
-          [R, T, V] logits.
+          ([B, T, V] logits, the caches with the T positions written).
         """
         cross_mask = None
         if source_valid is not None:
             cross_mask = source_valid[:, None, None, :]  # [B, 1, 1, S]
         y = self.embedder(tokens, positions=positions, deterministic=True, rngs=None)
-        for layer in self.layers:
-            y = layer(y, cross_mask=cross_mask, decode=True)  # [R, T, D]
-        return self._finish(y, project=True)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            y, layer_cache = layer(y, self_mask=self_mask, cross_mask=cross_mask, cache=layer_cache)
+            new_cache.append(layer_cache)
+        return self._finish(y, project=True), new_cache
 
     def _finish(self, y: jax.Array, project: bool) -> jax.Array:
         """The final LayerNorm (pre-LN), then the logits unless `project` is False."""
@@ -431,43 +441,23 @@ class Transformer(nnx.Module):
             rngs=rngs,
         )
 
-    def decode(
-        self,
-        encoded,
-        inputs,
-        decoder_inputs,
-        *,
-        inputs_segmentation=None,
-        targets_segmentation=None,
-        targets_position=None,
-        deterministic=True,
-        rngs=None,
-        project=True,
-    ) -> jax.Array:
-        """Next-token logits [B, T, V] for `decoder_inputs` [B, T] given `encoded` [B, S, D]
-        (project=False: hidden states [B, T, D]).
+    def init_cache(self, inputs, max_length: int, *, width: int = 1) -> list[dict]:
+        """Encodes `inputs` [B, S] once and returns the decoder's caches for `extend`
+        (`Decoder.init_cache`)."""
+        encoded = self.encode(inputs)  # [B, S, D]
+        return self.decoder.init_cache(inputs.shape[0], max_length, encoded=encoded, width=width)
 
-        `inputs` [B, S] (the source ids) give the source padding when
-        `inputs_segmentation` is None.
-        """
-        if inputs_segmentation is None:
-            inputs_segmentation = (inputs != PAD_ID).astype(jnp.int32)
-        return self.decoder(
-            decoder_inputs,
-            segments=targets_segmentation,
-            positions=targets_position,
-            encoded=encoded,
-            encoder_segments=inputs_segmentation,
-            deterministic=deterministic,
-            rngs=rngs,
-            project=project,
+    def extend(self, tokens, *, positions, cache, inputs, self_mask=None):
+        """(Logits [B, T, V], caches) after `tokens` [B, T] at `positions` [B, T], through
+        the caches of `init_cache`; the source ids `inputs` [B, S] give the source padding
+        (`Decoder.extend`)."""
+        return self.decoder.extend(
+            tokens,
+            positions=positions,
+            cache=cache,
+            self_mask=self_mask,
+            source_valid=inputs != PAD_ID,
         )
-
-    def decode_step(self, tokens, *, positions, inputs) -> jax.Array:
-        """Logits [B, T, V] after `tokens` [B, T] at `positions` [B, T], through the caches
-        of `decoder.init_cache(..., encoded=...)`; the source ids `inputs` [B, S] give the
-        source padding."""
-        return self.decoder.decode_step(tokens, positions=positions, source_valid=inputs != PAD_ID)
 
     def __call__(
         self,
@@ -491,14 +481,14 @@ class Transformer(nnx.Module):
             inputs_position=inputs_position,
             **train,
         )
-        decoder_inputs = shift_right(targets, targets_segmentation, targets_position)
-        return self.decode(
-            encoded,
-            inputs,
-            decoder_inputs,
-            inputs_segmentation=inputs_segmentation,
-            targets_segmentation=targets_segmentation,
-            targets_position=targets_position,
+        if inputs_segmentation is None:
+            inputs_segmentation = (inputs != PAD_ID).astype(jnp.int32)
+        return self.decoder(
+            shift_right(targets, targets_segmentation, targets_position),
+            segments=targets_segmentation,
+            positions=targets_position,
+            encoded=encoded,
+            encoder_segments=inputs_segmentation,
             project=project,
             **train,
         )
@@ -534,10 +524,14 @@ class LanguageModel(nnx.Module):
             project=project,
         )
 
-    def decode_step(self, tokens, *, positions) -> jax.Array:
-        """Logits [B, T, V] after `tokens` [B, T] at `positions` [B, T], through the caches
-        of `decoder.init_cache` (T = 1 per decoding step, more for a prompt's prefill)."""
-        return self.decoder.decode_step(tokens, positions=positions)
+    def init_cache(self, batch_size: int, max_length: int, *, width: int = 1) -> list[dict]:
+        """The decoder's caches for `extend` (`Decoder.init_cache`)."""
+        return self.decoder.init_cache(batch_size, max_length, width=width)
+
+    def extend(self, tokens, *, positions, cache, self_mask=None):
+        """(Logits [B, T, V], caches) after `tokens` [B, T] at `positions` [B, T] (T = 1 per
+        decoding step, more for a prompt's prefill; `Decoder.extend`)."""
+        return self.decoder.extend(tokens, positions=positions, cache=cache, self_mask=self_mask)
 
 
 MODELS = {'transformer': Transformer, 'lm': LanguageModel}

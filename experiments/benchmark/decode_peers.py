@@ -46,10 +46,7 @@ import speed  # noqa: E402 - experiments/benchmark/speed.py, beside this script
 from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from attn import (
-    cli,  # noqa: E402
-    configs,
-)
+from attn import cli, configs  # noqa: E402
 from attn.errors import UserError  # noqa: E402
 from attn.model.tokens import BOS_ID, EOS_ID, NUM_SPECIAL_TOKENS, PAD_ID  # noqa: E402
 
@@ -239,7 +236,7 @@ def pin_threads(threads: int) -> list[int]:
 
 
 def measure(
-    configs: dict,
+    model_configs: dict,
     searches,
     *,
     rounds: int,
@@ -259,7 +256,7 @@ def measure(
     torch.set_num_threads(threads)
     cells = [(m, s) for m in configs for s in searches]
     peers, inputs = {}, {}
-    for name, config in configs.items():
+    for name, config in model_configs.items():
         start = time.perf_counter()
         peers[name] = Peers(config, threads=threads)
         ids = speed.decode_inputs(batch, config.model.vocab_size, source_length)
@@ -319,7 +316,7 @@ def measure(
             'target_tokens': target_length,
             'beam_sizes': {s: SEARCHES[s] for s in searches},
             'alpha': ALPHA,
-            'models': {name: config.model.to_dict() for name, config in configs.items()},
+            'models': {name: config.model.to_dict() for name, config in model_configs.items()},
         },
         'rounds': rounds,
         'threads': threads,
@@ -379,7 +376,7 @@ def main(argv):
     require_peers()
     cpus = pin_threads(FLAGS.threads)
     load_before = os.getloadavg()
-    configs = {name: model_config(name) for name in FLAGS.models}
+    model_configs = {name: model_config(name) for name in FLAGS.models}
     report = measure(configs, FLAGS.searches, rounds=FLAGS.rounds, threads=FLAGS.threads)
     for name in FLAGS.models:
         report['work']['models'][name]['config'] = ':'.join(MODELS[name][:2])

@@ -36,8 +36,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from attn import cli, configs, summary
-from attn.decoding import search as decode
+from attn import cli, configs, decoding, summary
 from attn.errors import UserError
 from attn.model import build_model
 from attn.model.tokens import EOS_ID, NUM_SPECIAL_TOKENS
@@ -214,11 +213,11 @@ def search(
 ) -> np.ndarray:
     """attn's greedy (beam_size 1) or beam search of `inputs`, waited for: [B, L] ids."""
     if beam_size == 1:
-        out = decode.greedy_search(
+        out = decoding.greedy_search(
             model, inputs, max_extra_length=max_extra_length, min_length=min_length
         )
     else:
-        out, _ = decode.beam_search(
+        out, _ = decoding.beam_search(
             model,
             inputs,
             beam_size=beam_size,
