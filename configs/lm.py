@@ -3,7 +3,8 @@
     python -m attn.train --config=configs/lm.py --workdir=runs/lm  # embedded corpus, English side
     python -m attn.train --config=configs/lm.py:dataset=lm1b,size=base --workdir=runs/lm1b
 
-Same layers as the paper's decoder without encoder-decoder attention.
+Same layers as the paper's decoder without encoder-decoder attention. Measured on the
+embedded corpus (the first command): docs/results.md, "The language model".
 """
 
 from attn import configs

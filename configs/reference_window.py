@@ -8,7 +8,8 @@ an LSTM with matched parameter counts, on the same examples with the same optimi
 step budget, then scores each at distances k = 1, 2, 4, ... max_k. `:kind=offset` (default)
 asks for the token k back with nothing marking it in advance; `:kind=marker` marks it (see
 experiments/reference_window/task.py). `:size=tiny` is the test's few-second version;
-`:max_k=512,steps=4000` a GPU-sized one.
+`:max_k=512,steps=4000` a GPU-sized one. Measured on CPU: docs/results.md, "Reference
+window".
 """
 
 from ml_collections import config_dict

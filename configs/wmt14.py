@@ -5,6 +5,7 @@
 Paper (newstest2014 BLEU, tokenized, compound-split): base EN-DE 27.3, EN-FR 38.1;
 big EN-DE 28.4, EN-FR 41.8. Base: 100K steps, average of the last 5 checkpoints;
 big: 300K steps, average of the last 20. Big EN-FR uses P_drop 0.1, not 0.3 (§6.1).
+Not yet run here: no figure of ours (README, "Not yet reproduced").
 """
 
 from attn import configs

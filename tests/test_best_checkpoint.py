@@ -10,6 +10,7 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -89,8 +90,8 @@ def test_step_best_restores_the_best_checkpoint(best_run):
     workdir, _ = best_run
     run = rundir.load(workdir, step=rundir.BEST)
     assert run.steps == [4]
-    saved = checkpoint.leaves_by_name(toy.saved_params(workdir, 4)[1])
-    restored = checkpoint.leaves_by_name(nnx.state(run.model, nnx.Param))
+    saved = ocp.tree.to_flat_dict(toy.saved_params(workdir, 4)[1], sep='.')
+    restored = ocp.tree.to_flat_dict(nnx.state(run.model, nnx.Param), sep='.')
     assert saved.keys() == restored.keys()
     for name, value in saved.items():
         np.testing.assert_array_equal(restored[name], value, err_msg=name)

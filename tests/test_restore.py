@@ -20,12 +20,17 @@ def trained(toy_run):
     return toy_run[0]
 
 
+def by_name(tree) -> dict[str, np.ndarray]:
+    """{'encoder.layers.0.....value': leaf}, the names Orbax saves leaves under."""
+    return ocp.tree.to_flat_dict(tree, sep='.')
+
+
 def saved_params(workdir, step) -> dict[str, np.ndarray]:
-    return checkpoint.leaves_by_name(toy.saved_params(workdir, step)[1])
+    return by_name(toy.saved_params(workdir, step)[1])
 
 
 def model_params(model) -> dict[str, np.ndarray]:
-    return checkpoint.leaves_by_name(nnx.state(model, nnx.Param))
+    return by_name(nnx.state(model, nnx.Param))
 
 
 def test_restore_gives_the_saved_parameters(trained):
@@ -125,7 +130,7 @@ def test_checkpoints_written_before_the_handler_registry_restore(tmp_path):
     assert ckpt.restore_config(3) == {'seed': 7}
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     params = ckpt.restore_params(3, lambda tree: jax.tree.map(lambda _: device, tree))
-    saved, got = checkpoint.leaves_by_name(state.params), checkpoint.leaves_by_name(params)
+    saved, got = by_name(state.params), by_name(params)
     assert got.keys() == saved.keys()
     for name, value in saved.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)

@@ -1,19 +1,24 @@
 """Orbax checkpoints in `workdir/checkpoints/`: the train state, the data iterator's
 position and the config, saved together so a resumed run continues exactly.
 
-Items of each step: `state` (step, params, optimizer state; a PyTree), `data`
-(each host's Grain iterator state) and `config` (JSON), and Orbax's own `metrics` (the
-validation metrics, when the step was evaluated). Saves are asynchronous. Kept: the
-latest `keep` checkpoints and the one of lowest validation perplexity.
-Restores go onto whatever devices the restoring process has, so a checkpoint written
-on 8 GPUs opens on a laptop CPU for analysis.
+Items of each step: `state` (step, params, optimizer state; a PyTree), `data` (each host's
+Grain iterator state), `config` (JSON) and Orbax's own `metrics` (the validation metrics,
+when the step was evaluated). Saves are asynchronous. Kept: the latest `keep` checkpoints
+and the one of lowest validation perplexity. Restores go onto whatever devices the
+restoring process has: a checkpoint written on 8 GPUs opens on a laptop CPU.
+
+Nothing saved is lost. Orbax writes a step to a temporary directory and renames it when
+complete. A save the disk has no room for is refused before it starts; one that fails
+anyway removes the temporary directory it created, and nothing else. What a process killed
+mid-save left, Orbax removes when the next writer opens the directory (a trainer holds the
+workdir's lock, attn/rundir.py: no other process saves there). A damaged latest checkpoint
+is set aside and the newest readable one restored.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
 import time
@@ -21,7 +26,6 @@ from typing import Any
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -38,112 +42,57 @@ class _Unreadable(Exception):
     """A checkpoint step that cannot be read; `Checkpointer.restore` tries an older one."""
 
 
-_STEP_METADATA = '_CHECKPOINT_METADATA'  # Orbax writes it as a save starts and ends
-
-
-def _perplexity(metrics: dict) -> float:
-    """What ranks checkpoints: the validation perplexity saved with one (lower is better)."""
-    return metrics['perplexity']
-
-
-def _preservation(keep: int | None) -> ocp.checkpoint_managers.PreservationPolicy:
-    """The latest `keep` checkpoints (None: all), and the best by validation perplexity.
-    Checkpoints saved without metrics (steps not evaluated) count for the latest only:
-    never best, and never kept for it."""
-    policies = ocp.checkpoint_managers
-    best = policies.BestN(
-        get_metric_fn=_perplexity,
-        reverse=True,  # BestN keeps the end of the sorted list: descending, so the lowest
-        n=1,
-        keep_checkpoints_without_metrics=False,
+def check_compatible(saved: Any, expected: Any) -> None:
+    """Raises CheckpointError naming the first leaf of `expected` that `saved` lacks or
+    has in another shape (leaves matched by Orbax's names, 'params.encoder.....value')."""
+    saved_leaves = ocp.tree.to_flat_dict(saved, sep='.')
+    fix = (
+        'Use a new --workdir, or the config the checkpoint was trained with (saved in its '
+        'config.json).'
     )
-    return policies.AnyPreservationPolicy([policies.LatestN(n=keep), best])
-
-
-def _short(error: BaseException, limit: int = 200) -> str:
-    """'Type: first line of the message', at most `limit` characters."""
-    lines = str(error).strip().splitlines()
-    first = lines[0].split(' See full TensorStore details')[0] if lines else ''
-    text = f'{type(error).__name__}: {first}'.rstrip(': ')
-    return text if len(text) <= limit else text[: limit - 3] + '...'
-
-
-def _abstract(tree: Any) -> Any:
-    """Shape/dtype/sharding stand-ins for restoring onto `tree`'s devices."""
-
-    def leaf(x):
-        if isinstance(x, jax.Array):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        return x
-
-    return jax.tree.map(leaf, tree)
-
-
-def _path_name(path) -> str:
-    """'encoder.layers.0.self_attention.query.value' for any pytree key path."""
-
-    def key_name(key) -> str:
-        for attribute in ('key', 'name', 'idx'):
-            if hasattr(key, attribute):
-                return str(getattr(key, attribute))
-        return str(key)
-
-    return '.'.join(key_name(k) for k in path)
-
-
-def leaves_by_name(tree: Any) -> dict[str, Any]:
-    """{'params.encoder.layers.0....': leaf}, the same naming for arrays and metadata."""
-    return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    for name, leaf in ocp.tree.to_flat_dict(expected, sep='.').items():
+        if name not in saved_leaves:
+            raise CheckpointError(
+                f'The checkpoint has no {name}: it was written by a different model. {fix}'
+            )
+        shape, expected_shape = (tuple(getattr(x, 'shape', ())) for x in (saved_leaves[name], leaf))
+        if shape != expected_shape:
+            raise CheckpointError(
+                f'{name} has shape {shape} in the checkpoint but {expected_shape} in this '
+                f'config. {fix}'
+            )
 
 
 def into_structure(target: Any, saved: Any) -> Any:
-    """`saved` (nested dicts, as `restore_arrays` gives) rebuilt in `target`'s pytree
-    structure (e.g. an nnx.State), after checking every shape."""
+    """`saved` (nested dicts, as `restore_params` gives) in `target`'s pytree structure
+    (e.g. an nnx.State), after checking every shape."""
     check_compatible(saved, target)
-    by_name = leaves_by_name(saved)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(target)
-    return jax.tree_util.tree_unflatten(treedef, [by_name[_path_name(p)] for p, _ in flat])
-
-
-def check_compatible(saved: Any, expected: Any) -> None:
-    """Raises CheckpointError naming the first parameter whose shape differs."""
-    saved_leaves = leaves_by_name(saved)
-    for name, leaf in leaves_by_name(expected).items():
-        if name not in saved_leaves:
-            raise CheckpointError(
-                f'The checkpoint has no {name}: it was written by a different model. '
-                'Use a new --workdir, or the config the checkpoint was trained with '
-                '(saved in its config.json).'
-            )
-        saved_shape = tuple(getattr(saved_leaves[name], 'shape', ()))
-        if saved_shape != tuple(np.shape(leaf)):
-            raise CheckpointError(
-                f'{name} has shape {saved_shape} in the checkpoint but {tuple(np.shape(leaf))} '
-                'in this config. Use a new --workdir, or the config the checkpoint was '
-                'trained with (saved in its config.json).'
-            )
+    return ocp.tree.deserialize_tree(saved, target)
 
 
 class Checkpointer:
     """Saves and restores (state, data iterator, config) by step."""
 
-    def __init__(
-        self,
-        directory: str | os.PathLike,
-        *,
-        keep: int | None,
-        async_save: bool = True,
-        create: bool = True,
-    ):
-        """`create=False` opens existing checkpoints for reading and creates nothing."""
+    def __init__(self, directory, *, keep: int | None, async_save=True, create=True):
+        """`create=False` opens existing checkpoints for reading: creates and removes nothing."""
         self.directory = epath.Path(directory)
+        self._in_flight: tuple[int, set[str]] | None = None  # step, temporaries before it
+        logging.get_absl_logger().addFilter(_not_missing_metrics)  # once: the same filter
+        policies = ocp.checkpoint_managers
+        best = policies.BestN(  # never a checkpoint saved without metrics (not evaluated)
+            get_metric_fn=_perplexity,
+            reverse=True,  # BestN keeps the end of the sorted list: descending, so the lowest
+            n=1,
+            keep_checkpoints_without_metrics=False,
+        )
         options = ocp.CheckpointManagerOptions(
             best_fn=_perplexity,  # also makes Orbax write the metrics given to `save`
             best_mode='min',
-            preservation_policy=_preservation(keep),
+            preservation_policy=policies.AnyPreservationPolicy([policies.LatestN(keep), best]),
             create=create,
-            enable_async_checkpointing=async_save,
             read_only=not create,
+            cleanup_tmp_directories=create,  # what a process killed mid-save left
+            enable_async_checkpointing=async_save,
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, handler_registry=_handler_registry()
@@ -160,14 +109,7 @@ class Checkpointer:
         saved with metrics (older runs, or no save at an evaluated step)."""
         return self.manager.best_step()
 
-    def save(
-        self,
-        step: int,
-        state: Any,
-        data_iterator=None,
-        config: dict | None = None,
-        metrics: dict[str, float] | None = None,
-    ) -> None:
+    def save(self, step: int, state, data_iterator=None, config=None, metrics=None) -> None:
         """`metrics`: the validation metrics of `step` (with 'perplexity'), only if it was
         evaluated; Orbax keeps them in the step's directory, where a resumed run reads them."""
         items = {'state': ocp.args.PyTreeSave(state)}
@@ -175,8 +117,10 @@ class Checkpointer:
             items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
             items['config'] = ocp.args.JsonSave(config)
+        self.wait()  # the save before, finished: a failure of it is reported as its own
         self._check_room(step, state)
-        with self._saving(), _no_missing_metrics_warning():
+        self._in_flight = (step, self._temporaries(step))
+        with self._saving():
             self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
         logging.info('Saving checkpoint of step %d to %s', step, self.directory)
 
@@ -194,17 +138,15 @@ class Checkpointer:
             raise CheckpointError(f'No checkpoint in {self.directory}.')
         unreadable: list[tuple[int, str]] = []
         for candidate in reversed(steps):
-            problem = self._problem(candidate, data_iterator is not None)
-            if problem is None:
-                try:
-                    restored = self._restore(candidate, target_state, data_iterator)
-                except _Unreadable as error:
-                    problem = str(error)
+            problem = None
+            try:
+                restored = self._restore(candidate, target_state, data_iterator)
+            except _Unreadable as error:
+                problem = str(error)
             if distributed.agreed_max([problem is not None])[0]:  # every host or none
                 problem = problem or 'unreadable on another process'
-                logging.warning(
-                    'Checkpoint %s cannot be read (%s).', self.directory / str(candidate), problem
-                )
+                path = self.directory / str(candidate)
+                logging.warning('Checkpoint %s cannot be read (%s).', path, problem)
                 unreadable.append((candidate, problem))
                 continue
             if unreadable and step is None:
@@ -217,33 +159,20 @@ class Checkpointer:
             '(the unreadable step directories are left as they are).'
         )
 
-    def _problem(self, step: int, with_data: bool) -> str | None:
-        """Why checkpoint `step` is incomplete, from its files alone (None: it looks whole)."""
-        path = self.directory / str(step)
-        metadata = path / _STEP_METADATA
-        if not metadata.exists():
-            return f'{metadata.name} is missing (Orbax writes it with every checkpoint)'
-        try:
-            json.loads(metadata.read_text())
-        except (OSError, ValueError) as error:
-            return f'{metadata.name} cannot be parsed ({_short(error)})'
-        items = ('state', 'data') if with_data else ('state',)
-        for item in items:
-            if not (path / item).is_dir():
-                return f'its {item}/ is missing'
-        return None
-
     def _restore(self, step: int, target_state: Any, data_iterator) -> Any:
         """The items of `step` restored onto `target_state` (and the iterator); _Unreadable
         when they cannot be read, CheckpointError when they belong to another model."""
         try:
-            saved = self.manager.metadata(step).item_metadata['state']
+            metadata = self.manager.metadata(step)
+            saved = metadata.item_metadata['state']
         except Exception as error:  # noqa: BLE001 - any unreadable metadata
             raise _Unreadable(f'its state metadata cannot be read ({_short(error)})') from error
+        if metadata.commit_timestamp_nsecs is None:  # Orbax records it as a save completes
+            raise _Unreadable('its _CHECKPOINT_METADATA is missing or records no commit')
         if saved is None:
             raise _Unreadable('its state has no metadata (state/_METADATA)')
         check_compatible(saved, target_state)
-        items = {'state': _pytree_restore(_abstract(target_state))}
+        items = {'state': _pytree_restore(target_state)}
         if data_iterator is not None:
             items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:  # Orbax reads the arrays only now: a damaged file fails here
@@ -257,8 +186,7 @@ class Checkpointer:
         if distributed.is_main():
             for step in steps:
                 source = self.directory / str(step)
-                target = self.directory / f'{step}.unreadable'
-                suffix = 1
+                target, suffix = self.directory / f'{step}.unreadable', 1
                 while target.exists():
                     suffix += 1
                     target = self.directory / f'{step}.unreadable.{suffix}'
@@ -290,9 +218,8 @@ class Checkpointer:
 
     def restore_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
-            'config'
-        ]
+        args = ocp.args.Composite(config=ocp.args.JsonRestore())
+        return self.manager.restore(step, args=args)['config']
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
@@ -300,10 +227,11 @@ class Checkpointer:
     def wait(self) -> None:
         with self._saving():
             self.manager.wait_until_finished()
+        self._in_flight = None
 
     def close(self) -> None:
-        with contextlib.suppress(CheckpointError), self._saving():
-            self.manager.close()  # a failed save has been reported already
+        with contextlib.suppress(Exception), self._saving():  # a failure is reported by then
+            self.manager.close()
 
     def _check_room(self, step: int, state: Any) -> None:
         """Refuses, before anything is written, a save the disk has no room for (every
@@ -312,11 +240,9 @@ class Checkpointer:
         if '://' in local or not os.path.isdir(local):
             return  # object stores: no free-space figure
         needed = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, 'nbytes'))
-        steps = self.all_steps()
-        if steps:  # metadata and per-file overhead included
-            latest = os.path.join(local, str(steps[-1]))
-            files = [os.path.join(d, f) for d, _, names in os.walk(latest) for f in names]
-            needed = max(needed, sum(map(os.path.getsize, files)))
+        if steps := self.all_steps():  # the latest's size: metadata and files' overhead too
+            files = os.walk(os.path.join(local, str(steps[-1])))
+            needed = max(needed, sum(os.path.getsize(f'{d}/{f}') for d, _, fs in files for f in fs))
         free = shutil.disk_usage(local).free
         if distributed.agreed_max([free < needed])[0]:
             raise CheckpointError(
@@ -328,64 +254,60 @@ class Checkpointer:
     def _intact(self) -> str:
         """Which checkpoints are on disk, complete (read from the directory: the manager
         may count a save that failed)."""
-        saved = sorted(int(p.name) for p in self.directory.glob('*') if p.name.isdigit())
+        saved = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
         steps = ' and '.join(map(str, saved))
         return (
             f'Checkpoints {steps} are intact' if steps else 'There is no earlier checkpoint'
         ) + ': free space or fix the disk, then run the same command to resume.'
 
+    def _temporaries(self, step: int) -> set[str]:
+        """The temporary directories of `step`: `<step>.orbax-checkpoint-tmp` (older Orbax
+        versions append `-<n>`)."""
+        return {p.name for p in self.directory.glob(f'{step}{ocp.utils.TMP_DIR_SUFFIX}*')}
+
     @contextlib.contextmanager
     def _saving(self):
         """A save that fails (a full disk, a lost mount) as one CheckpointError naming the
-        cause and the checkpoints that are intact; what it left half-written is removed,
-        so the disk holds nothing but complete checkpoints."""
+        cause and the checkpoints that are intact. Removed: the temporary directories of
+        its step that appeared after it began, which it created; nothing else (the save of
+        another process beside it is left alone)."""
         try:
             yield
         except Exception as error:  # noqa: BLE001 - Orbax raises whatever its writers raised
-            partial = self._remove_partial()
-            failed = ', '.join(p.name.split('.')[0] for p in partial) or 'a checkpoint'
+            if self._in_flight is None:
+                raise
+            (step, before), self._in_flight = self._in_flight, None
+            # A writer of the failed save still running can create its directory again once
+            # the removal frees space: removed again until none is seen for 0.5 s (at most
+            # 10 s; no wait on the writers, which a lost mount could hold forever).
+            deadline = time.monotonic() + 10.0
+            while (created := self._temporaries(step) - before) and time.monotonic() < deadline:
+                for name in created:
+                    shutil.rmtree(self.directory / name, ignore_errors=True)
+                time.sleep(0.5)
             raise CheckpointError(
-                f'{_save_failure(error)}: saving checkpoint {failed} in {self.directory} '
-                f'failed (its partial files are removed). {self._intact()}'
+                f'{_save_failure(error)}: saving checkpoint {step} in {self.directory} failed '
+                f'(its partial files are removed). {self._intact()}'
             ) from error
 
-    def _remove_partial(self) -> list[epath.Path]:
-        """Removes what a failed save left half-written (its `*tmp*` directories). A save's
-        writer thread still running when another failed can write into a directory again
-        after it is removed (the freed space lets it), so removal repeats until none is seen
-        for half a second (at most 10 s; no wait on the writers, which a lost mount or
-        another process could hold forever). Returns the first ones found."""
-        first = sorted(p for p in self.directory.glob('*') if 'tmp' in p.name)
-        quiet_since = None
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:
-            partial = [p for p in self.directory.glob('*') if 'tmp' in p.name]
-            for path in partial:
-                shutil.rmtree(path, ignore_errors=True)
-            if partial:
-                quiet_since = None
-            elif quiet_since is None:
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since > 0.5:
-                break
-            time.sleep(0.05)
-        return first
+
+def _perplexity(metrics: dict) -> float:
+    """What ranks checkpoints: the validation perplexity saved with one (lower is better)."""
+    return metrics['perplexity']
 
 
-@contextlib.contextmanager
-def _no_missing_metrics_warning():
+def _not_missing_metrics(record) -> bool:
     """Drops Orbax's warning that a save has no metrics: a step that was not evaluated is
     saved without them on purpose."""
+    return 'did not provide metrics' not in record.getMessage()
 
-    def keep(record) -> bool:
-        return 'did not provide metrics' not in record.getMessage()
 
-    logger = logging.get_absl_logger()
-    logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        logger.removeFilter(keep)
+def _short(error: BaseException, limit: int = 200) -> str:
+    """'Type: first line of the message', at most `limit` characters."""
+    lines = str(error).strip().splitlines()
+    first = lines[0].split(' See full TensorStore details')[0] if lines else ''
+    text = f'{type(error).__name__}: {first}'.rstrip(': ')
+    return text if len(text) <= limit else text[: limit - 3] + '...'
 
 
 def _save_failure(error: BaseException) -> str:
@@ -403,23 +325,19 @@ def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     """The handler of each item, for saving and restoring it: the same handlers, and so
     the same files, as checkpoints have always had."""
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    items = {
-        'state': (ocp.PyTreeCheckpointHandler(), ocp.args.PyTreeSave, ocp.args.PyTreeRestore),
-        'data': (
-            grain.checkpoint.CheckpointHandler(),
-            grain.checkpoint.CheckpointSave,
-            grain.checkpoint.CheckpointRestore,
-        ),
-        'config': (ocp.JsonCheckpointHandler(), ocp.args.JsonSave, ocp.args.JsonRestore),
-    }
-    for item, (handler, save, restore) in items.items():
-        registry.add(item, save, handler)
-        registry.add(item, restore, handler)
+    grain_args = (grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore)
+    for item, handler, args in (
+        ('state', ocp.PyTreeCheckpointHandler(), (ocp.args.PyTreeSave, ocp.args.PyTreeRestore)),
+        ('config', ocp.JsonCheckpointHandler(), (ocp.args.JsonSave, ocp.args.JsonRestore)),
+        ('data', grain.checkpoint.CheckpointHandler(), grain_args),
+    ):
+        for arg in args:
+            registry.add(item, arg, handler)
     return registry
 
 
 def _pytree_restore(target: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
-    """Restores the leaves of `target` (ShapeDtypeStructs with shardings) as jax.Arrays
-    placed so; `partial`: only those leaves, the rest of the checkpoint is not read."""
+    """Restores the leaves of `target` (arrays, or ShapeDtypeStructs with shardings) as
+    jax.Arrays placed alike; `partial`: only those leaves, the rest is not read."""
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     return ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=partial)
