@@ -2,6 +2,14 @@
 a pruning curve, from any workdir, on whatever devices this process has.
 
     python -m attn.analyze --workdir=runs/l10n --out=runs/l10n/analysis [--sentences=8]
+    python -m attn.analyze --workdir=W --out=D --source=en.txt --target=de.txt
+
+Analyses the first --sentences examples of --split (default: the config's eval split) of the
+run's dataset, or, with --source and --target, of those files (one sentence per line, as
+attn.score reads them; a language model takes --target only). Given files need the workdir
+alone: a run copied without its dataset is analysed on sentences of one's choosing, rather
+than on examples saved into W at training time, which would fix the sentences in advance
+and copy dataset text into every run.
 
 Writes to --out: attention-<i>-<module kind>.png (a layers x heads grid of heatmaps with the
 tokens on the axes) for the first sentences; heads.json (entropy, confidence, mean
@@ -12,7 +20,7 @@ sentences as heads are masked, least important first); bertviz.json (per layer a
     python -m attn.analyze --workdir=runs/lm --out=pics --prompt="To insert a table"
 
 With --prompt it shows attention while generating instead (attn/analysis/generation.py): a
-language model continues the prompt, a translation model translates it.
+language model continues the prompt, a translation model translates it (from W alone too).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from absl import app, flags
 from attn import cli, rundir
 from attn.analysis import generation, report
 from attn.data import datasets
+from attn.errors import UserError
 
 
 def main(argv):
@@ -33,21 +42,31 @@ def main(argv):
         raise app.UsageError('--workdir and --out are required.')
     if FLAGS.prompt is not None:
         run = rundir.load(FLAGS.workdir, step=FLAGS.step, average_last=FLAGS.average_last)
-        tokenizer = datasets.load(run.config, ['train']).tokenizer
+        tokenizer = rundir.tokenizer(FLAGS.workdir, run.config)
         view = generation.generate(
             run, tokenizer, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens
         )
         print(json.dumps(generation.write(view, tokenizer, FLAGS.out), ensure_ascii=False))  # noqa: T201
         return
-    summary = report.analyze(
-        FLAGS.workdir,
-        FLAGS.out,
-        sentences=FLAGS.sentences,
-        split=FLAGS.split,
-        prune_steps=FLAGS.prune_steps,
-        step=FLAGS.step,
-        average_last=FLAGS.average_last,
-    )
+    try:
+        summary = report.analyze(
+            FLAGS.workdir,
+            FLAGS.out,
+            sentences=FLAGS.sentences,
+            split=FLAGS.split,
+            prune_steps=FLAGS.prune_steps,
+            step=FLAGS.step,
+            average_last=FLAGS.average_last,
+            source=FLAGS.source,
+            target=FLAGS.target,
+        )
+    except datasets.DataError as error:
+        if FLAGS.source is not None or FLAGS.target is not None:
+            raise
+        raise UserError(
+            f'{error} Or analyse sentences of your own, which needs the workdir alone: '
+            '--source=FILE --target=FILE (one sentence per line).'
+        ) from None
     print(json.dumps(summary))  # noqa: T201 - the command's report
 
 
@@ -56,6 +75,8 @@ def run():
     flags.DEFINE_string('out', None, 'Folder for the pictures and JSON files.')
     flags.DEFINE_integer('sentences', 8, 'Sentences of the split to analyse.')
     flags.DEFINE_string('split', None, "Split to read (default: the config's eval split).")
+    flags.DEFINE_string('source', None, 'Analyse these source sentences, one per line.')
+    flags.DEFINE_string('target', None, 'Their translations (or LM text), one per line.')
     flags.DEFINE_integer('prune_steps', 8, 'Points on the pruning curve.')
     cli.define_checkpoint_flags()
     flags.DEFINE_string(

@@ -6,7 +6,8 @@ models average the last 5 checkpoints, big models the last 20).
 W2 (default W/average-last<K>) is a workdir like any other: `W2/checkpoints/<step>/` holds
 the averaged parameters (no optimizer state) and the run's config, at the step of the last
 checkpoint averaged, so `attn.evaluate`, `attn.translate`, `attn.analyze` and
-`attn.export` read it as they read W. W2/average.json names the source and its steps.
+`attn.export` read it as they read W (W's tokenizer/ is copied into it). W2/average.json
+names the source and its steps.
 The mean is a running sum: memory is two parameter sets whatever K.
 """
 
@@ -45,6 +46,7 @@ def average(
     ckpt.save(steps[-1], state, config=config.to_dict())
     ckpt.close()
     rundir.write_config(out, config)
+    rundir.copy_tokenizer(workdir, out)
     summary = {'out': os.path.abspath(out), 'source': os.path.abspath(workdir), 'steps': steps}
     with open(os.path.join(out, 'average.json'), 'w', encoding='utf-8') as f:
         json.dump(summary, f, indent=1)

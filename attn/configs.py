@@ -171,9 +171,56 @@ def base_config(size: str = 'base') -> config_dict.ConfigDict:
 
 def source_seed(config, source: str) -> int:
     """The seed of one of `SEED_SOURCES`: config.seeds.<source> where set, else config.seed
-    (also in configs, or their saved dicts, from before `seeds` existed)."""
-    seed = (config.get('seeds') or {}).get(source)
-    return config.get('seed', 0) if seed is None else seed
+    (`config` as `base_config` builds it, or a saved one through `upgrade`)."""
+    seed = config.seeds[source]
+    return config.seed if seed is None else seed
+
+
+# The fields added to `base_config` after runs began to be saved (the training loop's first
+# commit), each with the value that does what runs did before it existed. `upgrade`
+# fills them into such a run's saved config; a field added to `base_config` is added here.
+ADDED_FIELDS = {
+    'data.test_split': 'test',
+    'bleu_at_end': False,
+    'bleu_every_steps': 0,  # no BLEU during training
+    'bleu_examples': 200,
+    'prng_impl': 'threefry2x32',  # JAX's default key
+    'loss_chunk': 0,  # the whole loss at once
+    'sharding': 'replicated',
+    'data.worker_count': 0,  # read in the training process (the iterator state's layout)
+    'data.worker_buffer_size': 2,
+    'data.prefetch': 0,  # no prefetch thread
+    'seeds.init': None,  # None: config.seed seeds every source
+    'seeds.dropout': None,
+    'seeds.data': None,
+}
+
+
+def upgrade(config) -> config_dict.ConfigDict:
+    """A run's saved config (a dict as read from its JSON, or a ConfigDict) with the fields
+    that configs saved before they existed lack: `ADDED_FIELDS`, and model fields at
+    `ModelConfig`'s defaults (the paper's settings, which such runs had). Saved values are
+    kept; `config` itself is not changed. Every reader of a saved config calls this, so
+    no other code needs a fallback for a missing field."""
+    if isinstance(config, config_dict.ConfigDict):
+        config = config.to_dict()
+    upgraded = config_dict.ConfigDict(config)
+    model = {
+        f.name: f.default
+        for f in dataclasses.fields(ModelConfig)
+        if f.default is not dataclasses.MISSING
+    }
+    added = ADDED_FIELDS | {f'model.{name}': value for name, value in model.items()}
+    for key, value in added.items():
+        node = upgraded
+        *parents, leaf = key.split('.')
+        for parent in parents:
+            if parent not in node:
+                node[parent] = config_dict.ConfigDict()
+            node = node[parent]
+        if leaf not in node:
+            node[leaf] = value
+    return upgraded
 
 
 def apply_runlocal(config: config_dict.ConfigDict) -> None:
@@ -299,10 +346,9 @@ def validate(config: config_dict.ConfigDict, *, devices: int | None = None) -> N
         if config.seeds[source] is not None:  # None: config.seed
             _at_least(config, f'seeds.{source}', 0, f'the {source} seed (unset: config.seed).')
     _check_batch(config, jax.device_count() if devices is None else devices)
-    mode = config.get('sharding', 'replicated')  # as step.setup reads it
-    if mode not in SHARDING_MODES:
+    if config.sharding not in SHARDING_MODES:
         raise ConfigError(
-            f"config.sharding={mode!r} is not one of {SHARDING_MODES}: 'replicated' "
+            f"config.sharding={config.sharding!r} is not one of {SHARDING_MODES}: 'replicated' "
             "keeps the train state whole on every device, 'fsdp' splits it over them."
         )
 

@@ -20,7 +20,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from attn import cli  # noqa: E402
+from attn import cli, configs  # noqa: E402
 from attn.errors import UserError  # noqa: E402
 
 # (name in curves.json, the row's field); eval rows' names are '<split>/perplexity', ...
@@ -92,11 +92,13 @@ def label(name: str, config: dict | None, reference: dict | None) -> str:
 
 
 def _read_config(workdir: str) -> dict | None:
+    """W/config.json through `configs.upgrade`: a field that an older run lacks is no
+    difference when it has the value that run used."""
     path = os.path.join(workdir, 'config.json')
     if not os.path.isfile(path):
         return None
     with open(path, encoding='utf-8') as f:
-        return json.load(f)
+        return configs.upgrade(json.load(f)).to_dict()
 
 
 def _names(workdirs: list[str]) -> list[str]:
@@ -108,10 +110,10 @@ def _names(workdirs: list[str]) -> list[str]:
 def collect(workdirs: list[str]) -> list[dict]:
     """Per run: {'workdir', 'label', 'curves'}; labels compare configs with the first run's
     (whose label is its name)."""
-    configs = [_read_config(w) for w in workdirs]
+    saved = [_read_config(w) for w in workdirs]
     runs = []
-    for w, name, config in zip(workdirs, _names(workdirs), configs, strict=True):
-        reference = configs[0] if runs else None
+    for w, name, config in zip(workdirs, _names(workdirs), saved, strict=True):
+        reference = saved[0] if runs else None
         runs.append({'workdir': w, 'label': label(name, config, reference)})
         runs[-1]['curves'] = curves(read_metrics(w))
     return runs

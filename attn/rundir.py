@@ -1,7 +1,12 @@
 """The layout of a run's directory, and the lock that gives it one trainer at a time.
 
+A run's directory is self-contained: translate, score (of given files), analyze (of given
+files or a prompt), average and export need W alone, not the dataset it was trained on.
+
 W/config.json        the resolved config
-W/tokenizer.json     the tokenizer's fingerprint (a hash of its pieces), checked on resume
+W/tokenizer/         the SentencePiece model the run is trained with: spm.model (and the
+                     meta.json of its training)
+W/tokenizer.json     its fingerprint (a hash of its pieces), checked on resume and on use
 W/.lock              host, pid and start time of the trainer using W (while it runs)
 W/checkpoints/       Orbax checkpoints (state, data iterator, config) by step
 W/tensorboard/       TensorBoard event files
@@ -17,6 +22,7 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,12 +34,15 @@ from jax.sharding import Mesh
 from ml_collections import config_dict
 
 from attn import configs
+from attn.data import tokenizer as tokenizer_lib
 from attn.errors import UserError
 from attn.model import build_model
 from attn.training import checkpoint, distributed, sharding
 
 LOCK = '.lock'
-TOKENIZER = 'tokenizer.json'
+TOKENIZER = 'tokenizer.json'  # the fingerprint of W/tokenizer/'s model
+TOKENIZER_DIR = 'tokenizer'
+MODEL_FILE = tokenizer_lib.MODEL_FILE
 
 
 class WorkdirError(UserError, RuntimeError):
@@ -62,6 +71,9 @@ def saved_config(workdir: str) -> dict | None:
 
 
 # ---------------------------------------------------------------------------- tokenizer
+# W/tokenizer/ holds the SentencePiece model the run was trained with, so that every later
+# command needs W alone (a run copied to a laptop translates without its dataset);
+# W/tokenizer.json records its fingerprint, checked whenever either side is read.
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -70,37 +82,117 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(pieces.encode('utf-8')).hexdigest()
 
 
-def check_tokenizer(workdir: str, tokenizer) -> None:
-    """Raises WorkdirError when W/tokenizer.json records another tokenizer than `tokenizer`
-    (runs saved before the file existed have none: nothing to check)."""
-    path = os.path.join(workdir, TOKENIZER)
+def _recorded(workdir: str) -> dict | None:
+    """W/tokenizer.json, or None (runs saved before the file existed have none)."""
     try:
-        with open(path, encoding='utf-8') as f:
-            saved = json.load(f)
+        with open(os.path.join(workdir, TOKENIZER), encoding='utf-8') as f:
+            return json.load(f)
     except (OSError, ValueError):
-        return
+        return None
+
+
+def _mismatch(workdir: str, tokenizer) -> str | None:
+    """'(recorded sha256..., path) ... (found sha256..., path)' when `tokenizer` is not the
+    one W/tokenizer.json records; None when it is, or when none is recorded."""
+    saved = _recorded(workdir)
+    if saved is None:
+        return None
     found = tokenizer_fingerprint(tokenizer)
-    if saved.get('sha256') != found:
+    if saved.get('sha256') == found:
+        return None
+    return (
+        f'(sha256 {str(saved.get("sha256"))[:12]}..., {saved.get("path")}) than '
+        f'{getattr(tokenizer, "path", None)} (sha256 {found[:12]}...)'
+    )
+
+
+def check_tokenizer(workdir: str, tokenizer) -> None:
+    """Raises WorkdirError when W/tokenizer.json, or the model in W/tokenizer/, is another
+    tokenizer than `tokenizer`, the one a resumed run builds (runs saved before either
+    existed have nothing to check)."""
+    mismatch = _mismatch(workdir, tokenizer)
+    if mismatch is None and os.path.exists(os.path.join(workdir, TOKENIZER_DIR, MODEL_FILE)):
+        saved = tokenizer_lib.Tokenizer.load(os.path.join(workdir, TOKENIZER_DIR))
+        if tokenizer_fingerprint(saved) != tokenizer_fingerprint(tokenizer):
+            mismatch = f'({saved.path}) than {getattr(tokenizer, "path", None)}'
+    if mismatch is not None:
         raise WorkdirError(
-            f'The checkpoints in {workdir} were trained with another tokenizer (sha256 '
-            f'{str(saved.get("sha256"))[:12]}..., {saved.get("path")}) than this run builds '
-            f'({found[:12]}..., {getattr(tokenizer, "path", None)}): resuming would read its '
-            'embeddings with the wrong pieces. Use the data the run was trained with, or a '
-            'new --workdir.'
+            f'The checkpoints in {workdir} were trained with another tokenizer {mismatch}, '
+            'the one this run builds: resuming would read its embeddings with the wrong '
+            'pieces. Use the data the run was trained with, or a new --workdir.'
         )
 
 
 def write_tokenizer(workdir: str, tokenizer) -> None:
-    """Writes W/tokenizer.json (process 0)."""
+    """Writes the model to W/tokenizer/ and its fingerprint to W/tokenizer.json (process 0)."""
     if jax.process_index() == 0:
         record = {
             'sha256': tokenizer_fingerprint(tokenizer),
             'vocab_size': tokenizer.vocab_size,
             'path': str(getattr(tokenizer, 'path', None)),
         }
+        tokenizer.save(os.path.join(workdir, TOKENIZER_DIR))
         with open(os.path.join(workdir, TOKENIZER), 'w', encoding='utf-8') as f:
             json.dump(record, f, indent=1)
             f.write('\n')
+
+
+def tokenizer(workdir: str, config=None) -> tokenizer_lib.Tokenizer:
+    """The tokenizer run W was trained with: W/tokenizer/, checked against the fingerprint
+    in W/tokenizer.json. Runs written before W/tokenizer/ existed read it, as they did,
+    from the dataset of `config` (default W/config.json), with a warning.
+
+    Raises WorkdirError when the model found is not the one W/tokenizer.json records.
+    """
+    directory = os.path.join(workdir, TOKENIZER_DIR)
+    if os.path.exists(os.path.join(directory, MODEL_FILE)):
+        found = tokenizer_lib.Tokenizer.load(directory)
+        fix = f'Copy the tokenizer/ and {TOKENIZER} of the run together, unchanged.'
+    else:
+        from attn.data import datasets  # only runs this old need the data stack (TFDS)
+
+        config = _saved_or_refuse(workdir) if config is None else config
+        logging.warning(
+            '%s has no %s/ (written before runs kept their tokenizer): reading the tokenizer '
+            'from its dataset, %s in %s, as before.',
+            workdir,
+            TOKENIZER_DIR,
+            datasets.builder_name(config.data),
+            datasets.data_dir(config.data),
+        )
+        found = datasets.load(config, ['train']).tokenizer
+        fix = 'Point --config.data.data_dir at the data the run was trained with.'
+    mismatch = _mismatch(workdir, found)
+    if mismatch is not None:
+        raise WorkdirError(
+            f'{workdir} was trained with another tokenizer {mismatch}: its token ids would '
+            f'read as other pieces. {fix}'
+        )
+    return found
+
+
+def _saved_or_refuse(workdir: str) -> config_dict.ConfigDict:
+    saved = saved_config(workdir)
+    if saved is None:
+        raise WorkdirError(
+            f'{workdir} has neither {TOKENIZER_DIR}/ nor a readable config.json: is it the '
+            'workdir of a trained run?'
+        )
+    return configs.upgrade(saved)
+
+
+def copy_tokenizer(workdir: str, out: str) -> None:
+    """Copies W/tokenizer/ and W/tokenizer.json, where W has them, into `out` (process 0)."""
+    if jax.process_index() != 0:
+        return
+    if os.path.isdir(os.path.join(workdir, TOKENIZER_DIR)):
+        shutil.copytree(
+            os.path.join(workdir, TOKENIZER_DIR),
+            os.path.join(out, TOKENIZER_DIR),
+            dirs_exist_ok=True,
+        )
+    if os.path.isfile(os.path.join(workdir, TOKENIZER)):
+        shutil.copyfile(os.path.join(workdir, TOKENIZER), os.path.join(out, TOKENIZER))
 
 
 # --------------------------------------------------------------------------------- lock
@@ -232,9 +324,9 @@ def _unwritable(workdir: str, error: OSError) -> WorkdirError:
 # translation, analysis, averaging and export, on whatever devices and processes this run
 # has (any topology can have written it).
 #
-#     run = restore.load('runs/l10n', average_last=5)
+#     run = rundir.load('runs/l10n', average_last=5)
 #     run.model(inputs, targets)      # an nnx.Module: mask heads, capture attention...
-#     best = restore.load('runs/l10n', step=restore.BEST)  # lowest validation perplexity
+#     best = rundir.load('runs/l10n', step=rundir.BEST)  # lowest validation perplexity
 #
 # Only parameters are read (never the Adam moments), placed on this run's mesh with the
 # shardings the train step uses. Averaging is a running sum: one checkpoint's parameters
@@ -324,11 +416,10 @@ def load_params(
     ckpt = open_checkpoints(workdir)
     try:
         steps = select_steps(ckpt.all_steps(), resolve_step(ckpt, step), average_last)
-        config = config_dict.ConfigDict(ckpt.restore_config(steps[-1]))
-        mode = config.get('sharding', 'replicated')
+        config = configs.upgrade(ckpt.restore_config(steps[-1]))
 
         def shardings(tree):
-            return sharding.state_shardings(tree, mesh, mode)
+            return sharding.state_shardings(tree, mesh, config.sharding)
 
         params = running_mean(lambda s: ckpt.restore_params(s, shardings), steps)
     finally:

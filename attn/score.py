@@ -11,7 +11,8 @@ token_logprobs, logprob (their sum) and num_tokens. The numbers are the training
 (`step.cross_entropy`) without label smoothing or dropout: the teacher-forced forward
 pass, each target token predicted from BOS and the tokens before it (`model.shift_right`),
 EOS scored last. Every sentence is scored whole, whatever its length. Multi-host like
-attn.evaluate: each host scores its rows of every batch, process 0 writes.
+attn.evaluate: each host scores its rows of every batch, process 0 writes. Given files need
+W alone (the tokenizer is W/tokenizer/); --split reads the run's dataset.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def main(argv):
     workdir = cli.workdir()
     distributed.initialize_from_flags()
     run = rundir.load(workdir, step=FLAGS.step, average_last=FLAGS.average_last)
-    data, split = scoring.open_data(run.config, FLAGS.split, FLAGS.source, FLAGS.target)
+    data, split = scoring.open_data(workdir, run.config, FLAGS.split, FLAGS.source, FLAGS.target)
     with scoring.output(FLAGS.out) as out:
         for line in scoring.score_split(run, data, split):
             out.write(json.dumps(line, ensure_ascii=False) + '\n')

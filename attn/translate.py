@@ -12,6 +12,7 @@ stops with an error naming the line. With a language-model checkpoint each line 
 --prompt) is a prompt, continued by sampling. With --nbest=K each line gives one JSON
 object: the source and its K best finished beam hypotheses, best first, each with its
 translation, its ranking score (log-probability / length penalty) and its log-probability.
+Needs W alone (the tokenizer is W/tokenizer/), not the run's dataset.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import sys
 from absl import flags
 
 from attn import cli, rundir
-from attn.data import datasets
 from attn.errors import UserError
 from attn.inference import batching, text
 
@@ -35,7 +35,7 @@ def main(argv):
     if run.config.model_kind == 'lm' and FLAGS.nbest:
         raise UserError('--nbest lists translations; a language model samples (drop --nbest).')
     batching.check_nbest(FLAGS.nbest, beam_size)
-    tokenizer = datasets.load(run.config, ['train']).tokenizer
+    tokenizer = rundir.tokenizer(workdir, run.config)
     if run.config.model_kind == 'lm':
         prompts = (
             [FLAGS.prompt] if FLAGS.prompt is not None else list(text.read_lines(sys.stdin.buffer))

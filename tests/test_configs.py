@@ -1,5 +1,7 @@
 """Every config builds a model of the right shapes; Table 3 parameter counts; bad configs raise."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -189,3 +191,94 @@ def test_parse_arg_types():
         'steps=5,runlocal,scale=0.5,name=x', steps=1, runlocal=False, scale=1.0, name=''
     )
     assert (arg.steps, arg.runlocal, arg.scale, arg.name) == (5, True, 0.5, 'x')
+
+
+# A config.json as attn.train saved it when runs began to be saved (configs/common.py of
+# the training loop's first commit, e06f456): the oldest a run directory can hold.
+SAVED_BEFORE = {
+    'model_kind': 'transformer',
+    'seed': 3,
+    'data': {
+        'name': 'l10n_translate',
+        'config': 'en-de',
+        'source_lang': 'en',
+        'target_lang': 'de',
+        'data_dir': None,
+        'vocab_size': 8000,
+        'tokens_per_batch': 4096,
+        'max_length': 128,
+        'eval_split': 'validation',
+        'eval_batch_size': 64,
+    },
+    'model': {
+        'vocab_size': 8000,
+        'num_layers': 3,
+        'emb_dim': 256,
+        'num_heads': 4,
+        'qk_dim': None,
+        'v_dim': None,
+        'mlp_dim': 1024,
+        'dropout_rate': 0.1,
+        'attention_dropout_rate': 0.0,
+        'positions': 'sinusoidal',
+        'max_len': 512,
+        'pre_ln': False,
+        'share_embeddings': True,
+        'tie_output': True,
+        'attention': 'reference',
+        'dtype': 'float32',
+    },
+    'total_steps': 20000,
+    'label_smoothing': 0.1,
+    'optimizer': {
+        'b1': 0.9,
+        'b2': 0.98,
+        'eps': 1e-9,
+        'warmup_steps': 4000,
+        'lr_scale': 1.0,
+        'grad_clip_norm': 0.0,
+    },
+    'grad_accum_steps': 1,
+    'decode': {'beam_size': 4, 'alpha': 0.6, 'max_extra_length': 50},
+    'log_every_steps': 100,
+    'eval_every_steps': 1000,
+    'checkpoint_every_steps': 1000,
+    'keep_checkpoints': 5,
+}
+
+
+def _fields(config: dict, prefix: str = '') -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out |= _fields(value, f'{prefix}{key}.')
+        else:
+            out[f'{prefix}{key}'] = value
+    return out
+
+
+def test_an_old_saved_config_is_upgraded_to_every_field_of_today():
+    """Every field today's configs have (a field added to base_config without its old
+    value in configs.ADDED_FIELDS fails here), saved values kept, the rest as old runs
+    did; what reads a config works on it."""
+    saved = json.loads(json.dumps(SAVED_BEFORE))
+    upgraded = configs.upgrade(saved)
+    assert saved == SAVED_BEFORE  # not changed in place
+    fields = _fields(upgraded.to_dict())
+    assert fields.keys() == _fields(configs.base_config().to_dict()).keys()
+    assert _fields(SAVED_BEFORE).items() <= fields.items()
+    assert {k: fields[k] for k in configs.ADDED_FIELDS} == configs.ADDED_FIELDS
+    assert fields['model.remat'] == ModelConfig().remat
+    configs.validate(upgraded, devices=1)
+    assert [configs.source_seed(upgraded, s) for s in configs.SEED_SOURCES] == [3, 3, 3]
+    assert configs.upgrade(upgraded).to_dict() == upgraded.to_dict()
+
+
+def test_a_run_saved_before_worker_processes_resumes_only_without_them():
+    from attn.training import loop
+
+    config = configs.upgrade(SAVED_BEFORE)
+    assert [f for f, now, then in loop.resumed_fields(config, config) if now != then] == []
+    config.data.worker_count = 2  # the iterator state was saved by the training process
+    resumed = loop.resumed_fields(config, configs.upgrade(SAVED_BEFORE))
+    assert [f for f, now, then in resumed if now != then] == ['data.worker_count']

@@ -86,7 +86,7 @@ def test_unknown_sharding_mode_is_refused():
 
 def test_setup_reads_config_sharding_and_old_configs_stay_replicated():
     """setup lays the state out by config.sharding (replicated where a saved config has
-    no such field), and its eval step takes the parameters so laid out."""
+    no such field: `configs.upgrade`), and its eval step takes the parameters so laid out."""
     mesh = sharding.make_mesh()
     config = toy.config(sharding='fsdp')
     cfg = ModelConfig(vocab_size=64, num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32)
@@ -95,7 +95,7 @@ def test_setup_reads_config_sharding_and_old_configs_stay_replicated():
     fsdp_loss = step.evaluate_loss(fsdp.evaluate, fsdp.state.params, batches, mesh)['loss']
     with config.unlocked():
         del config['sharding']  # a config saved before the field existed
-    replicated = step.setup(config, cfg, mesh)
+    replicated = step.setup(configs.upgrade(config), cfg, mesh)
     assert len({x.sharding.spec for x in jax.tree.leaves(fsdp.state)}) > 1
     assert {x.sharding.spec for x in jax.tree.leaves(replicated.state)} == {P()}
     loss = step.evaluate_loss(replicated.evaluate, replicated.state.params, batches, mesh)['loss']

@@ -137,7 +137,7 @@ def test_bad_file_arguments_are_one_line_user_errors(tmp_path):
     with pytest.raises(UserError, match=f'Cannot read {tmp_path}/missing.txt'):
         scoring.given_examples(pair, str(tmp_path / 'missing.txt'), str(text))
     with pytest.raises(UserError, match='not both'):
-        scoring.open_data(None, 'test', None, str(text))
+        scoring.open_data(str(tmp_path), None, 'test', None, str(text))
     assert scoring.given_examples(lm, None, str(text)) == [{'de': 'ein hund'}]
 
 

@@ -98,7 +98,8 @@ def test_table3_takes_one_seed_per_source():
 
 
 def _resume_mismatches(config, saved: dict) -> list[str]:
-    return [field for field, now, then in loop.resumed_fields(config, saved) if now != then]
+    resumed = loop.resumed_fields(config, configs.upgrade(saved))
+    return [field for field, now, then in resumed if now != then]
 
 
 def test_resume_keeps_the_data_and_dropout_seeds_not_the_init_seed():

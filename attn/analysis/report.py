@@ -14,11 +14,10 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from attn import (
-    rundir,
-)
-from attn.analysis import heads
+from attn import rundir  # noqa: E402
+from attn.analysis import heads  # noqa: E402
 from attn.data import datasets  # noqa: E402
+from attn.inference import scoring  # noqa: E402
 from attn.model import shift_right  # noqa: E402
 from attn.model.tokens import PAD_ID  # noqa: E402
 
@@ -133,13 +132,20 @@ def analyze(
     data: datasets.Data | None = None,
     step: int | str | None = None,
     average_last: int = 1,
+    source: str | None = None,
+    target: str | None = None,
 ) -> dict:
     """Writes the pictures and JSON files of a checkpoint's attention to `out` (`step`
-    and `average_last` as in `rundir.load`)."""
+    and `average_last` as in `rundir.load`): of the first `sentences` of `split` (default
+    the eval split) of `data` (default the run's dataset), or of the files `source` and
+    `target` (as `attn.score` reads them; these need the workdir alone)."""
     run = rundir.load(workdir, step=step, average_last=average_last)
     config, kind = run.config, run.config.model_kind
-    split = split or config.data.eval_split
-    data = data or datasets.load(config, [split])
+    if source is not None or target is not None:
+        data, split = scoring.open_data(workdir, config, split, source, target)
+    else:
+        split = split or config.data.eval_split
+        data = data or datasets.load(config, [split])
     batch = sentence_batch(data, config, split, sentences)
     os.makedirs(out, exist_ok=True)
     maps = heads.attention_maps(run.model, batch, kind)

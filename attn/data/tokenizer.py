@@ -10,6 +10,7 @@ sentences, drawn by a seeded reservoir sample, in input order.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -90,6 +91,18 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
+
+    def save(self, directory: str | os.PathLike) -> epath.Path:
+        """Writes the model to `directory`/spm.model, beside the meta.json of its training
+        when it was loaded from a directory that has one; `Tokenizer.load(directory)` reads
+        it back. Returns the model file's path."""
+        meta = None
+        if self.path is not None:
+            with contextlib.suppress(OSError, ValueError):
+                meta = json.loads((self.path.parent / META_FILE).read_text())
+        directory = epath.Path(directory)
+        _write(directory, self._proto, meta)
+        return directory / MODEL_FILE
 
     def __getstate__(self):  # pickled into Grain worker processes
         return {'model_proto': self._proto, 'path': None if self.path is None else str(self.path)}
@@ -239,10 +252,12 @@ def _train(sample: list[str], options: dict, num_threads: int) -> bytes:
     return model.getvalue()
 
 
-def _write(path: epath.Path, proto: bytes, meta: dict) -> None:
-    """Writes spm.model last and by rename, so a model file present is a complete one."""
+def _write(path: epath.Path, proto: bytes, meta: dict | None) -> None:
+    """Writes spm.model last and by rename (replacing one there), so a model file present
+    is a complete one."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    if meta is not None:
+        (path / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
     tmp = path / f'{MODEL_FILE}.tmp-{os.getpid()}'
     tmp.write_bytes(proto)
-    tmp.rename(path / MODEL_FILE)
+    tmp.replace(path / MODEL_FILE)

@@ -7,7 +7,8 @@
 The exported models compute attn's function up to float round-off (weights.py says how);
 the search settings that Marian's generate and CTranslate2 cannot express are listed in
 README.md (Export). Optional dependencies: pip install -e '.[export]' (torch, transformers,
-safetensors, ctranslate2); nothing else in attn imports them.
+safetensors, ctranslate2); nothing else in attn imports them. Needs W alone (the tokenizer is
+W/tokenizer/), not the run's dataset.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ import os
 
 from absl import flags
 from flax import nnx
-from ml_collections import config_dict
 
-from attn import cli, rundir
-from attn.data import datasets
+from attn import cli, configs, rundir
 from attn.data import tokenizer as tokenizer_lib
 from attn.errors import UserError
 from attn.export import ct2, hf
@@ -82,11 +81,11 @@ def main(argv):
         step = rundir.resolve_step(ckpt, FLAGS.step)
         steps = rundir.select_steps(ckpt.all_steps(), step, FLAGS.average_last)
         # Refused before any weights are restored (export checks the rest again).
-        check_exportable(config_dict.ConfigDict(ckpt.restore_config(steps[-1])))
+        check_exportable(configs.upgrade(ckpt.restore_config(steps[-1])))
     finally:
         ckpt.close()
     run = rundir.load(workdir, step=step, average_last=FLAGS.average_last)
-    tokenizer = datasets.load(run.config, ['train']).tokenizer
+    tokenizer = rundir.tokenizer(workdir, run.config)
     for directory in export(
         run,
         tokenizer,

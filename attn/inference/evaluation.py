@@ -25,9 +25,8 @@ def perplexity(run: rundir.Run, data: datasets.Data, split: str) -> dict[str, fl
     """Teacher-forced loss and perplexity over every example of `split`."""
     graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
     config = run.config
-    # Runs saved before loss_chunk existed have no such field.
     cfg = step_lib.StepConfig(
-        config.model_kind, config.label_smoothing, loss_chunk=config.get('loss_chunk', 0)
+        config.model_kind, config.label_smoothing, loss_chunk=config.loss_chunk
     )
     eval_step = jax.jit(
         functools.partial(step_lib.eval_step, graphdef=graphdef, rest=rest, cfg=cfg)

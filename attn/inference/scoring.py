@@ -132,15 +132,20 @@ def given_examples(
     return [dict(zip(features, pair, strict=True)) for pair in zip(sources, targets, strict=True)]
 
 
-def open_data(config, split: str | None, source: str | None, target: str | None):
-    """(Data, split name): the run's `split`, or the given files as split GIVEN."""
+def open_data(
+    workdir: str, config, split: str | None, source: str | None, target: str | None
+) -> tuple[datasets.Data, str]:
+    """(Data, split name): `split` of the run's dataset, or the given files as split GIVEN
+    with the tokenizer of workdir (`rundir.tokenizer`: no dataset needed). `config`: the
+    run's."""
     if split is not None:
         if source is not None or target is not None:
             raise UserError('Give either --split or --source/--target files, not both.')
         return datasets.load(config, [split]), split
-    examples = given_examples(datasets.features(config), source, target)
-    data = datasets.load(config, ['train'])  # its tokenizer
-    return datasets.Data(data.tokenizer, data.features, {GIVEN: examples}), GIVEN
+    features = datasets.features(config)
+    examples = given_examples(features, source, target)
+    tokenizer = rundir.tokenizer(workdir, config)
+    return datasets.Data(tokenizer, features, {GIVEN: examples}), GIVEN
 
 
 def output(path: str | None):

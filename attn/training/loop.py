@@ -164,9 +164,9 @@ class Outcome:
 DATA_FIELDS = ('name', 'config', 'vocab_size', 'source_lang', 'target_lang')
 
 
-# What the saved iterator state is laid out by, with its value in configs saved before the
-# field existed: the state restores only into a pipeline with the same value.
-ITERATOR_FIELDS = {'worker_count': 0}
+# What the saved iterator state is laid out by: it restores only into a pipeline with the
+# same value.
+ITERATOR_FIELDS = ('worker_count',)
 
 
 # The noise sources whose seed a resume continues with (exactly, batch for batch).
@@ -213,7 +213,7 @@ def _check_resumable(config, workdir: str, ckpt: checkpoint.Checkpointer) -> Non
     """Refuses (UserError) to resume a checkpoint past config.total_steps, one trained on
     other data or seeds, or one whose iterator state another pipeline wrote
     (`resumed_fields` of the config saved with the newest checkpoint, else of
-    W/config.json), naming the field and both values."""
+    W/config.json, through `configs.upgrade`), naming the field and both values."""
     latest = ckpt.latest_step()
     if latest is None:
         return
@@ -226,6 +226,7 @@ def _check_resumable(config, workdir: str, ckpt: checkpoint.Checkpointer) -> Non
     saved = _saved_config(ckpt) or rundir.saved_config(workdir)
     if saved is None:
         return
+    saved = configs.upgrade(saved)
     for field, value, saved_value in resumed_fields(config, saved):
         if value != saved_value:
             raise UserError(
@@ -235,16 +236,15 @@ def _check_resumable(config, workdir: str, ckpt: checkpoint.Checkpointer) -> Non
             )
 
 
-def resumed_fields(config, saved: dict):
+def resumed_fields(config, saved):
     """(field, value in `config`, value in `saved`) of each field a resume must keep: the
-    saved data and iterator fields, and the seeds of the data order and dropout masks (the
-    parameters are restored, so the init seed may differ)."""
-    saved_data = dict(ITERATOR_FIELDS) | (saved.get('data') or {})
+    data and iterator fields, and the seeds of the data order and dropout masks (the
+    parameters are restored, so the init seed may differ). `saved`: a saved config through
+    `configs.upgrade`."""
     for field in (*DATA_FIELDS, *ITERATOR_FIELDS):
         if field == 'source_lang' and config.model_kind == 'lm':
             continue  # a language model reads the target side only
-        if field in saved_data:
-            yield f'data.{field}', config.data.get(field), saved_data[field]
+        yield f'data.{field}', config.data[field], saved.data[field]
     for source in RESUMED_SEEDS:
         value, saved_value = (configs.source_seed(c, source) for c in (config, saved))
         yield f'seeds.{source}', value, saved_value
@@ -270,7 +270,7 @@ def _reporter(config, cfg, workdir: str, start: int) -> Reporter:
         config.total_steps,
         schedule,
         dtype=cfg.dtype,
-        grad_clip_norm=config.optimizer.get('grad_clip_norm'),
+        grad_clip_norm=config.optimizer.grad_clip_norm,
     )
 
 

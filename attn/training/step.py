@@ -352,7 +352,7 @@ class Setup(NamedTuple):
 def setup(config, cfg, mesh) -> Setup:
     """What a run of `config` (model `cfg`) steps with on `mesh`."""
     tx = make_optimizer(config.optimizer, cfg.emb_dim)
-    mode = config.get('sharding', 'replicated')  # runs saved before FSDP have no field
+    mode = config.sharding
     init_seed = configs.source_seed(config, 'init')
     graphdef, rest, state = create_state(config.model_kind, cfg, init_seed, tx, mesh, mode=mode)
     step_cfg = StepConfig(

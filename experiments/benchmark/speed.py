@@ -129,7 +129,7 @@ def measure_train(config) -> dict:
     )
     result = {
         'batch': [_BATCH.value, _LENGTH.value],
-        'sharding': config.get('sharding', 'replicated'),  # of the train state
+        'sharding': config.sharding,  # of the train state
         'compile_s': round(compile_s, 2),
         'xla_flops_vs_formula': _xla_flops_ratio(compiled, flops),
         'xla_memory_gib': _gib(xla_memory_bytes(compiled)),

@@ -17,7 +17,6 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from absl import app, flags  # noqa: E402
-from ml_collections import config_dict  # noqa: E402
 
 from attn import configs  # noqa: E402
 from attn import plot as learning_curves  # noqa: E402
@@ -35,7 +34,7 @@ def read_run(workdir: pathlib.Path) -> dict | None:
     """Our figures for one row, or None when the run has no evaluation report yet."""
     if not (workdir / 'config.json').exists():
         return None
-    config = config_dict.ConfigDict(json.loads((workdir / 'config.json').read_text()))
+    config = configs.upgrade(json.loads((workdir / 'config.json').read_text()))
     split, steps = config.data.eval_split, config.total_steps
     report_path = workdir / 'eval' / f'{split}-{steps}.json'
     if not report_path.exists():
