@@ -248,13 +248,13 @@ def measure(
     log=None,
 ) -> dict:
     """Warm-up, then `rounds` interleaved rounds over every (model, search) cell of
-    `configs` ({name: experiment config}) x `searches`; each peer's raw seconds, median
+    `model_configs` ({name: experiment config}) x `searches`; each peer's raw seconds, median
     and target tokens/s per cell. Every output is checked (`check_length`)."""
     import torch
 
     log = log or _progress
     torch.set_num_threads(threads)
-    cells = [(m, s) for m in configs for s in searches]
+    cells = [(m, s) for m in model_configs for s in searches]
     peers, inputs = {}, {}
     for name, config in model_configs.items():
         start = time.perf_counter()
@@ -377,7 +377,7 @@ def main(argv):
     cpus = pin_threads(FLAGS.threads)
     load_before = os.getloadavg()
     model_configs = {name: model_config(name) for name in FLAGS.models}
-    report = measure(configs, FLAGS.searches, rounds=FLAGS.rounds, threads=FLAGS.threads)
+    report = measure(model_configs, FLAGS.searches, rounds=FLAGS.rounds, threads=FLAGS.threads)
     for name in FLAGS.models:
         report['work']['models'][name]['config'] = ':'.join(MODELS[name][:2])
     report |= {
