@@ -31,7 +31,7 @@ def get_config(arg=None):
     # The Transformer (its vocabulary and length are the task's); the recurrent models get
     # the same embedding width and whatever hidden size brings their parameter count
     # nearest to its.
-    config.model = configs.model_config('tiny')
+    config.model = configs.model_fields('tiny')
     config.model.update(num_layers=2, emb_dim=64, mlp_dim=256, num_heads=4, dropout_rate=0.0)
     config.models = ('transformer', 'rnn', 'gru', 'lstm')
     config.steps = 4 if tiny else arg.steps

@@ -14,6 +14,7 @@ from attn.errors import ConfigError
 from attn.model import build_model
 from attn.model.config import ModelConfig
 from attn.training import step
+from tests import toy
 
 
 def test_label_smoothed_loss_by_hand():
@@ -163,10 +164,15 @@ def test_chunked_loss_in_the_train_step():
         _assert_same_gradient(state, whole, chunked)
 
 
-@pytest.mark.parametrize('field, value', [('grad_accum_steps', 0), ('loss_chunk', -1)])
+@pytest.mark.parametrize(
+    'field, value',
+    [('grad_accum_steps', 0), ('loss_chunk', -1), ('label_smoothing', 1.0), ('model_kind', 'rnn')],
+)
 def test_bad_step_settings_are_refused(field, value):
+    config = toy.config()
+    config[field] = value
     with pytest.raises(ConfigError, match=f'config.{field}'):
-        step.StepConfig('transformer', 0.1, **{field: value})
+        configs.validate(config, devices=1)
 
 
 def test_chunked_loss_in_bfloat16_sums_the_matrix_gradient_in_float32():

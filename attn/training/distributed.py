@@ -212,11 +212,40 @@ def gather_rows(local: np.ndarray) -> np.ndarray:
 
 
 def main_first(name: str, work):
-    """Runs `work()` on process 0, then (after a barrier) on the others: for preparing
-    shared files (datasets, tokenizers) that the other processes then only read."""
+    """Runs `work()` on process 0, then on the others: for preparing shared files
+    (datasets, tokenizers) that the other processes then only read.
+
+    Process 0's outcome reaches every process in one collective (it replaces a barrier): if
+    its `work()` raises, it raises that error and every other process raises a ClusterError
+    naming it, at once, instead of waiting at a barrier process 0 never reaches until the
+    distributed service times out, minutes later, with no word of the cause."""
+    if jax.process_count() == 1:
+        return work()
     if is_main():
-        result = work()
-        barrier(name)
+        try:
+            result = work()
+        except BaseException as error:
+            _share_failure(f'{type(error).__name__}: {error}')
+            raise
+        _share_failure('')
         return result
-    barrier(name)
+    failure = _share_failure('')
+    if failure:
+        raise ClusterError(
+            f'Process 0 failed in {name!r} (preparing what every process reads), so this '
+            f'process stops too: {failure}'
+        )
     return work()
+
+
+_FAILURE_BYTES = 2048  # of process 0's error message, shared with the other processes
+
+
+def _share_failure(failure: str) -> str:
+    """Process 0's `failure` ('' = none), as every process receives it."""
+    first = failure.strip().splitlines()[0] if failure.strip() else ''
+    data = np.zeros(_FAILURE_BYTES, np.uint8)
+    encoded = first.encode('utf-8')[:_FAILURE_BYTES]
+    data[: len(encoded)] = np.frombuffer(encoded, np.uint8)
+    shared = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    return bytes(shared).rstrip(b'\0').decode('utf-8', errors='replace')
