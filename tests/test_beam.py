@@ -118,20 +118,24 @@ def test_blocked_candidates_equal_top_k_over_beam_x_vocabulary(V, K):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
-@pytest.mark.parametrize('V, K', [(37, 1), (37, 4), (129, 2), (129, 8)])
-def test_beam_search_equals_the_reference_search(V, K):
+@pytest.mark.parametrize(
+    'V, K, alpha, min_length', [(37, 1, 0.6, 0), (37, 4, 0.6, 0), (129, 8, 0.0, 12)]
+)
+def test_beam_search_equals_the_reference_search(V, K, alpha, min_length):
     """Slots, blocked top-k, phases (L = 8 + 18 = 26: 3 phases) and the early stop give the
-    plain search's hypotheses: the same tokens; scores and log-probs summed over up to 26
-    steps in another order, within 1e-4."""
+    plain search's hypotheses, with the paper's length penalty and without it, free and
+    with forced lengths: the same tokens; scores and log-probs summed over up to 26 steps
+    in another order, within 1e-4."""
     model = test_decode.tiny(vocab_size=V, seed=V + K)
     inputs = np.array([[5, 6, 7, 8, 9, 10, 11, 3], [8, 3, 0, 0, 0, 0, 0, 0]], np.int32)
-    settings = dict(beam_size=K, max_extra_length=18)
+    settings = dict(beam_size=K, alpha=alpha, max_extra_length=18, min_length=min_length)
     got = decoding.beam_search(model, inputs, return_all=True, **settings)
     want = reference_beam_search(model, inputs, **settings)
     np.testing.assert_array_equal(np.asarray(got.tokens), want.tokens)
     np.testing.assert_allclose(np.asarray(got.scores), want.scores, atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(got.logprobs), want.logprobs, atol=1e-4, rtol=0)
     assert beam.phases(26) == [9, 18, 26]
+    assert (test_decode.lengths(want.tokens) >= min_length).all()
 
 
 def test_slot_table_follows_reordered_hypotheses():
@@ -188,14 +192,3 @@ def test_beam_of_one_is_greedy_or_an_early_end_of_it():
             np.testing.assert_array_equal(b[: n - 1], g[: n - 1])
         assert float(hyps.logprobs[row, 0]) >= greedy_logprob[row] - 1e-4
     assert differ < len(inputs)  # mostly the same search
-
-
-def test_min_length_and_alpha_reach_the_reference():
-    """Forced lengths (min_length) and alpha = 0 through both searches."""
-    model = test_decode.tiny(vocab_size=37, seed=9)
-    inputs = np.array([[5, 6, 7, 3], [9, 3, 0, 0]], np.int32)
-    settings = dict(beam_size=4, alpha=0.0, max_extra_length=6, min_length=5)
-    got = decoding.beam_search(model, inputs, return_all=True, **settings)
-    want = reference_beam_search(model, inputs, **settings)
-    np.testing.assert_array_equal(np.asarray(got.tokens), want.tokens)
-    assert (test_decode.lengths(want.tokens) >= 5).all()
