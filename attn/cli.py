@@ -160,7 +160,7 @@ def _flag_error(error: BaseException, argv: list[str]) -> str | None:
         error = error.__cause__ or error.__context__
     for cause in reversed(chain):
         if isinstance(cause, (ConfigError, UserError)):
-            return str(cause)  # e.g. from config_lib.parse_arg
+            return str(cause)  # e.g. from configs.parse_arg
     argument = _config_argument(argv)
     if argument is not None and isinstance(chain[-1], OSError):
         return _unloadable(argument, chain[-1])
