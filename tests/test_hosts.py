@@ -1,6 +1,7 @@
 """Multi-host control over loopback: a failure on process 0 while it prepares what every
 process reads (`distributed.main_first`) stops every process within seconds, each with one
-line naming the cause; without a failure every process gets its result."""
+line naming the cause; without a failure every process gets its result. Cluster detection
+survives a JAX release that moves its private list."""
 
 import os
 import socket
@@ -74,3 +75,16 @@ def test_without_a_failure_every_process_gets_its_result(tmp_path):
     results, _ = _two_processes(tmp_path, 'ok')
     # gloo prints its own lines to stdout first
     assert [(out.split()[-1], code) for out, _, code in results] == [('made', 0), ('read', 0)]
+
+
+def test_a_moved_jax_cluster_list_means_none_detected(monkeypatch, caplog):
+    """Cluster detection reads a private JAX list; if a release moves it, launches go on as
+    "no cluster detected" with a warning naming the explicit flags, not an AttributeError."""
+    from jax._src import clusters
+
+    from attn.training import distributed
+
+    monkeypatch.delattr(clusters.ClusterEnv, '_cluster_types')
+    with caplog.at_level('WARNING'):
+        assert distributed.detected_clusters() == []
+    assert '--coordinator_address' in caplog.text

@@ -60,13 +60,26 @@ def initialize_from_flags() -> None:
 
 
 def detected_clusters() -> list[str]:
-    """Names of the cluster environments jax.distributed would auto-detect here."""
+    """Names of the cluster environments jax.distributed would auto-detect here.
+
+    JAX has no public API for this, so it reads JAX's own detection list; if a JAX release
+    moves it, this degrades to "none detected" with a warning (explicit flags still work)
+    instead of failing every launch."""
     try:
         from jax._src import clusters  # the detection jax.distributed.initialize() runs
-    except ImportError:
+
+        cluster_types = list(clusters.ClusterEnv._cluster_types)
+    except Exception as error:  # noqa: BLE001 - a private API: any change means "unknown"
+        logging.warning(
+            'Cannot list the cluster environments JAX detects (%s: %s); assuming none. '
+            'Pass --coordinator_address, --num_processes and --process_id for a '
+            'multi-process run.',
+            type(error).__name__,
+            error,
+        )
         return []
     found = []
-    for env in clusters.ClusterEnv._cluster_types:
+    for env in cluster_types:
         with contextlib.suppress(Exception):
             if not env.opt_in_only_method and env.is_env_present():
                 found.append(env.__name__)
