@@ -33,7 +33,11 @@ COMMANDS = {
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         lines = [f'  {name:10s} {help_}' for name, help_ in COMMANDS.items()]
-        sys.stderr.write('usage: attn <command> [--flags]\n\ncommands:\n' + '\n'.join(lines) + '\n')
+        usage = 'usage: attn <command> [--flags]\n\ncommands:\n' + '\n'.join(lines) + '\n'
+        if sys.argv[1:2] in (['-h'], ['--help'], ['help']):  # asked for: stdout, success
+            sys.stdout.write(usage + '\n`attn <command> --helpfull` lists its flags.\n')
+            raise SystemExit(0)
+        sys.stderr.write(usage)
         raise SystemExit(2)
     command = sys.argv[1]
     sys.argv = [f'attn {command}', *sys.argv[2:]]

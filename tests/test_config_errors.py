@@ -13,7 +13,7 @@ import jax
 import pytest
 import tensorflow_datasets as tfds
 
-from attn import configs
+from attn import cli, configs
 from attn.data import datasets
 from attn.errors import ConfigError
 from attn.training import loop
@@ -223,3 +223,14 @@ def test_a_non_finite_loss_and_a_missing_split_are_one_line(dummy_dataset, tmp_p
     # TMPDIR: TFDS leaves a folder there for each builder.
     result = _command('-c', split, env=os.environ | {'TMPDIR': str(tmp_path)})
     _assert_one_line_error(result, "split 'tset'", "['train']")
+
+
+@pytest.mark.parametrize('argv, code', [(['--help'], 0), (['-h'], 0), ([], 2), (['trian'], 2)])
+def test_attn_lists_its_commands(argv, code, capsys, monkeypatch):
+    """`attn --help` succeeds on stdout; no command or an unknown one fails on stderr."""
+    monkeypatch.setattr(sys, 'argv', ['attn', *argv])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == code
+    out, err = capsys.readouterr()
+    assert 'train ' in (out if code == 0 else err) and 'evaluate ' in (out if code == 0 else err)

@@ -29,16 +29,17 @@ def read_lines(stream: Iterable[bytes]) -> Iterator[str]:
 
 
 def encode_batch(
-    lines: list[str], tokenizer: tokenizer_lib.Tokenizer, max_tokens: int, first_line: int
+    lines: list[str], tokenizer: tokenizer_lib.Tokenizer, max_tokens: int, numbers: list[int]
 ) -> np.ndarray:
-    """[B, S] ids ending in EOS, right-padded; over-long lines cut with a warning."""
+    """[B, S] ids ending in EOS, right-padded; over-long lines cut with a warning naming
+    their input line number (`numbers`, one per line)."""
     rows = []
-    for offset, line in enumerate(lines):
+    for number, line in zip(numbers, lines, strict=True):
         ids = tokenizer.encode(line)
         if len(ids) > max_tokens:
             logging.warning(
                 'Line %d has %d tokens; translating its first %d (--max_input_tokens).',
-                first_line + offset,
+                number,
                 len(ids),
                 max_tokens,
             )
@@ -95,7 +96,8 @@ def _translate_batch(
     todo = [i for i, line in enumerate(lines) if line.strip()]
     out = [''] * len(lines) if not nbest else [_nbest_line(line, []) for line in lines]
     if todo:
-        inputs = encode_batch([lines[i] for i in todo], tokenizer, max_input_tokens, first_line)
+        numbers = [first_line + i for i in todo]  # input line numbers, empty lines counted
+        inputs = encode_batch([lines[i] for i in todo], tokenizer, max_input_tokens, numbers)
         found = batching.translate(
             run.model,
             inputs,
