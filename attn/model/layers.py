@@ -161,6 +161,9 @@ class MultiHeadAttention(nnx.Module):
         Returns:
           ([B, T, D], the cache with the new entries, or None without one).
         """
+        # Queries first: the backward pass then sums a self-attention input's three
+        # gradients (through W^Q, W^K, W^V) in one fixed order, training's numbers.
+        query = self._queries(inputs_q)  # [B, T, N, K]
         if cache is None:
             if inputs_kv is None:
                 raise ValueError('MultiHeadAttention: give inputs_kv, a cache, or both.')
@@ -173,9 +176,7 @@ class MultiHeadAttention(nnx.Module):
             key, value = cache.attended()  # [B, L, N, K], [B, L, N, H]
         dropout_rate = 0.0 if deterministic else self.attention_dropout_rate
         dropout_rng = rngs.dropout() if dropout_rate > 0.0 else None
-        return self._attend(
-            self._queries(inputs_q), key, value, mask, dropout_rate, dropout_rng
-        ), cache
+        return self._attend(query, key, value, mask, dropout_rate, dropout_rng), cache
 
     def project(self, inputs_kv: jax.Array) -> KVCache:
         """The keys/values of `inputs_kv` [B, S, D] as a full cache: a source projected once

@@ -481,10 +481,11 @@ class Transformer(nnx.Module):
             inputs_position=inputs_position,
             **train,
         )
+        decoder_inputs = shift_right(targets, targets_segmentation, targets_position)
         if inputs_segmentation is None:
             inputs_segmentation = (inputs != PAD_ID).astype(jnp.int32)
         return self.decoder(
-            shift_right(targets, targets_segmentation, targets_position),
+            decoder_inputs,
             segments=targets_segmentation,
             positions=targets_position,
             encoded=encoded,
