@@ -3,6 +3,10 @@
 from the workdir's latest checkpoint.
 
     python -m attn.train --config=configs/l10n.py --workdir=runs/l10n
+
+Exit status: 0 finished (or already finished), 2 a bad setting or input (one line on
+stderr), 75 (`errors.PREEMPTED`) stopped early at a SIGTERM or Ctrl-C with its checkpoint
+saved: run the same command to resume.
 """
 
 from __future__ import annotations
@@ -11,15 +15,9 @@ import json
 
 from absl import flags
 
-from attn import cli
+from attn import cli, errors
 from attn.inference import evaluation
 from attn.training import distributed, loop
-
-# ------------------------------------------------------------------------------- loop
-
-
-# -------------------------------------------------------------------------------- CLI
-
 
 def main(argv):
     del argv
@@ -36,6 +34,8 @@ def main(argv):
         report[config.data.test_split] = evaluation.evaluate(workdir, split=config.data.test_split)
     if distributed.is_main():
         print(json.dumps(report, ensure_ascii=False))  # noqa: T201 - the command's report
+    if outcome.preempted:  # saved, not finished: a retry loop or scheduler runs it again
+        raise SystemExit(errors.PREEMPTED)
 
 
 def run():

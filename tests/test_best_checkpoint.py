@@ -112,6 +112,15 @@ def test_a_resumed_run_keeps_the_best_from_before(best_run, tmp_path):
     assert kept(workdir) == ([4, 11, 12], 4)
 
 
+def test_every_evaluated_step_is_saved_and_ranked(tmp_path):
+    """Evaluated every 3 steps, saved every 4: steps 3 and 6 are saved all the same, with
+    their metrics, so the best evaluation (step 3) is the one --step=best reads."""
+    cadence = toy.config(total_steps=6, checkpoint_every_steps=4, eval_every_steps=3)
+    workdir = str(tmp_path / 'workdir')
+    train_scripted(cadence, workdir, toy.data(tmp_path / 'tokenizer'), {3: 0.5, 6: 1.0})
+    assert kept(workdir) == ([3, 4, 6], 3)
+
+
 def test_step_best_without_recorded_metrics_is_one_line_naming_the_fix(tmp_path):
     """A workdir whose checkpoints predate the metrics (saved without them, as before)."""
     ckpt = checkpoint.Checkpointer(tmp_path / 'checkpoints', keep=None, async_save=False)

@@ -5,7 +5,9 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -64,21 +66,30 @@ def test_sweep_dry_run_lists_every_table3_row():
     assert all(state == 'new' and 'attn.train' in command for _, _, state, command in rows)
 
 
-def _fake_slurm(bin_dir: pathlib.Path) -> None:
-    """sbatch that runs the job script here at once, and srun that logs its command (and,
-    for training, saves the final checkpoint when FAKE_TRAINING_FINISHES is set)."""
+def _fake_commands(bin_dir: pathlib.Path, scripts: dict[str, str]) -> None:
     bin_dir.mkdir()
-    scripts = {
-        'sbatch': 'while [[ $1 == --* ]]; do echo "sbatch $1" >> "$LOG"; shift; done\n'
-        'exec bash "$@"\n',
-        'srun': 'echo "srun $*" >> "$LOG"\n'
-        'if [[ $* == *attn.train* && -n ${FAKE_TRAINING_FINISHES:-} ]]; then\n'
-        '  mkdir -p "$WORKDIR/checkpoints/$FINAL_STEP"\n'
-        'fi\n',
-    }
     for name, body in scripts.items():
         (bin_dir / name).write_text('#!/usr/bin/env bash\nset -eu\n' + body)
         (bin_dir / name).chmod(0o755)
+
+
+def _fake_slurm(bin_dir: pathlib.Path) -> None:
+    """sbatch that runs the job script here at once, srun that logs its command (and, for
+    training, saves the final checkpoint when FAKE_TRAINING_FINISHES is set, or exits 75,
+    stopped early, when FAKE_PREEMPTED is), and scontrol that logs its command."""
+    _fake_commands(
+        bin_dir,
+        {
+            'sbatch': 'while [[ $1 == --* ]]; do echo "sbatch $1" >> "$LOG"; shift; done\n'
+            'exec bash "$@"\n',
+            'srun': 'echo "srun $*" >> "$LOG"\n'
+            'if [[ $* == *attn.train* && -n ${FAKE_PREEMPTED:-} ]]; then exit 75; fi\n'
+            'if [[ $* == *attn.train* && -n ${FAKE_TRAINING_FINISHES:-} ]]; then\n'
+            '  mkdir -p "$WORKDIR/checkpoints/$FINAL_STEP"\n'
+            'fi\n',
+            'scontrol': 'echo "scontrol $*" >> "$LOG"\n',
+        },
+    )
 
 
 @pytest.mark.parametrize('finishes', [True, False], ids=['finished', 'stopped_early'])
@@ -131,6 +142,114 @@ def test_slurm_job_without_eval_split_only_trains(tmp_path):
     assert log.read_text().splitlines() == [
         f'srun python -m attn.train --config=configs/l10n.py --workdir={tmp_path / "run"}'
     ]
+
+
+def test_slurm_job_stopped_early_is_requeued(tmp_path):
+    """attn.train exits 75 (errors.PREEMPTED) after saving at the time limit's SIGTERM:
+    the job requeues itself, and does not evaluate."""
+    _fake_slurm(tmp_path / 'bin')
+    log = tmp_path / 'log'
+    env = dict(
+        os.environ,
+        PATH=f'{tmp_path / "bin"}:{os.environ["PATH"]}',
+        LOG=str(log),
+        CONFIG='configs/l10n.py',
+        WORKDIR=str(tmp_path / 'run'),
+        FAKE_PREEMPTED='1',
+        SLURM_JOB_ID='1234',
+        EVAL_SPLIT='validation',
+        FINAL_STEP='700',
+    )
+    result = subprocess.run(
+        ['bash', str(ROOT / 'launch' / 'slurm.sbatch')], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().splitlines() == [
+        f'srun python -m attn.train --config=configs/l10n.py --workdir={tmp_path / "run"}',
+        'scontrol requeue 1234',
+    ]
+    assert '#SBATCH --requeue' in (ROOT / 'launch' / 'slurm.sbatch').read_text()
+
+
+# A `python` that logs its arguments and exits with the next of $CODES, counted per
+# --process_id: its k-th start exits with the k-th code.
+FAKE_PYTHON = (
+    'echo "$*" >> "$LOG"\n'
+    'id=-1\n'
+    'for arg in "$@"; do [[ $arg == --process_id=* ]] && id=${arg#--process_id=}; done\n'
+    'read -ra codes <<< "$CODES"\n'
+    'calls=$(grep -c -- "process_id=$id\\b" "$LOG" || true)\n'
+    '[[ $id == -1 ]] && calls=$(wc -l < "$LOG")\n'
+    'exit "${codes[$((calls - 1))]}"\n'
+)
+
+
+@pytest.mark.parametrize(
+    'processes,retries,codes,status,starts',
+    [
+        (1, 3, '75 75 0', 0, 3),  # stopped twice, resumed, finished
+        (1, 1, '75 75 0', 75, 2),  # out of retries: 75 for whoever runs it next
+        (1, 3, '2', 2, 1),  # a bad setting: never retried
+        (2, 3, '75 0', 0, 4),  # both processes stopped, both restarted
+        (2, 3, '1 0', 1, 2),  # a crash: never retried
+    ],
+)
+def test_local_launcher_restarts_a_run_stopped_early(
+    tmp_path, processes, retries, codes, status, starts
+):
+    _fake_commands(tmp_path / 'bin', {'python': FAKE_PYTHON})
+    log = tmp_path / 'log'
+    log.touch()
+    env = dict(
+        os.environ,
+        PATH=f'{tmp_path / "bin"}:{os.environ["PATH"]}',
+        LOG=str(log),
+        CODES=codes,
+        PROCESSES=str(processes),
+        RETRIES=str(retries),
+    )
+    result = subprocess.run(
+        ['bash', str(ROOT / 'launch' / 'local.sh'), 'configs/l10n.py', 'runs/x', '--config.seed=1'],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == status, result.stderr
+    lines = log.read_text().splitlines()
+    assert len(lines) == starts
+    assert all(
+        line.startswith('-m attn.train --config=configs/l10n.py --workdir=runs/x')
+        and line.endswith('--config.seed=1')
+        for line in lines
+    )
+    assert result.stderr.count('restarting it to resume') == (starts // processes) - 1
+
+
+def test_local_launcher_passes_a_sigterm_on_and_does_not_restart(tmp_path):
+    """A SIGTERM to the script reaches every process (which save and exit 75), and the run
+    is not started again: the user asked it to stop."""
+    waiting = 'echo "$*" >> "$LOG"\ntrap \'exit 75\' TERM\nsleep 60 2>/dev/null &\nwait $!\n'
+    _fake_commands(tmp_path / 'bin', {'python': waiting})
+    log = tmp_path / 'log'
+    log.touch()
+    env = dict(
+        os.environ, PATH=f'{tmp_path / "bin"}:{os.environ["PATH"]}', LOG=str(log), PROCESSES='2'
+    )
+    script = subprocess.Popen(
+        ['bash', str(ROOT / 'launch' / 'local.sh'), 'configs/l10n.py', 'runs/x'],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while len(log.read_text().splitlines()) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    script.send_signal(signal.SIGTERM)
+    _, stderr = script.communicate(timeout=30)
+    assert script.returncode == 75, stderr
+    assert len(log.read_text().splitlines()) == 2 and 'restarting' not in stderr
 
 
 def _finished_run(workdir, config_arg, perplexity, bleu):

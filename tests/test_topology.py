@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from attn import errors
 from tests import toy
 from tests.topology_commands import run_all
 
@@ -55,8 +56,11 @@ def _start(command: str, flags: list[str], *, devices: int, stderr, process=None
     )
 
 
-def _two_hosts(command: str, flags: list[str], tmp_path, on_start=None) -> list[dict]:
-    """Runs `command` as 2 processes x 2 devices; each process's exit status and report."""
+def _two_hosts(
+    command: str, flags: list[str], tmp_path, on_start=None, status: int = 0
+) -> list[dict]:
+    """Runs `command` as 2 processes x 2 devices; each process's exit status (asserted to
+    be `status`) and report."""
     port, processes, logs = _port(), [], []
     for i in range(2):
         logs.append(open(tmp_path / f'{command}-{i}.log', 'w+'))  # noqa: SIM115 - closed below
@@ -71,7 +75,7 @@ def _two_hosts(command: str, flags: list[str], tmp_path, on_start=None) -> list[
         results.append({'returncode': process.returncode, 'reports': reports, 'log': log.read()})
         log.close()
     for result in results:
-        assert result['returncode'] == 0, result['log'][-3000:]
+        assert result['returncode'] == status, result['log'][-3000:]
     return results
 
 
@@ -184,7 +188,7 @@ def test_commands_give_the_same_numbers_and_text_on_1_2_and_4_devices(
 
 def test_sigterm_to_one_host_stops_both_at_one_step_and_the_rerun_equals(two_hosts, tmp_path):
     """SIGTERM reaches process 1 alone, once both have joined: both save the same step
-    (agreed by JAX's preemption service) and exit 0; the rerun finishes like a run that
+    (agreed by JAX's preemption service) and exit 75, errors.PREEMPTED; the rerun finishes like a run that
     was never interrupted, bit for bit."""
     whole, _, flags = two_hosts
     workdir = str(tmp_path / 'workdir')
@@ -197,7 +201,9 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_the_rerun_equals(two_hos
             time.sleep(0.05)
         processes[1].send_signal(signal.SIGTERM)
 
-    results = _two_hosts('train', flags, tmp_path, on_start=sigterm_process_1)
+    results = _two_hosts(
+        'train', flags, tmp_path, on_start=sigterm_process_1, status=errors.PREEMPTED
+    )
     report = results[0]['reports'][0]
     assert report['preempted'] and report['step'] < 12
     saved = sorted(int(p) for p in os.listdir(os.path.join(workdir, 'checkpoints')))

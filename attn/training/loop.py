@@ -288,7 +288,9 @@ def _loop(config, data, train_iter, mesh, ckpt, steps: step_lib.Setup, state, re
             outcome.step = step
             last = step == config.total_steps
             stop = preemption.reached(step)
-            save = last or stop or step % config.checkpoint_every_steps == 0
+            evaluated = last or step % config.eval_every_steps == 0
+            # Every evaluated step is saved, so that its metrics rank it (--step=best).
+            save = last or stop or evaluated or step % config.checkpoint_every_steps == 0
             log = last or stop or step % config.log_every_steps == 0
             if log or save:
                 reporter.flush(step, write=log)
@@ -297,7 +299,6 @@ def _loop(config, data, train_iter, mesh, ckpt, steps: step_lib.Setup, state, re
                 outcome.preempted = True
                 logging.warning('Stopped at step %d; run the same command to resume.', step)
                 break
-            evaluated = last or step % config.eval_every_steps == 0
             if evaluated:
                 outcome.validation = step_lib.evaluate_loss(
                     steps.evaluate, state.params, data.eval_batches(config), mesh
@@ -311,8 +312,10 @@ def _loop(config, data, train_iter, mesh, ckpt, steps: step_lib.Setup, state, re
             if save:  # the metrics rank it for the best checkpoint kept
                 metrics = outcome.validation if evaluated else None
                 ckpt.save(step, state, train_iter, config.to_dict(), metrics)
-    finally:
-        preemption.close()
-        ckpt.wait()
-        reporter.close()
+    finally:  # each closed however the one before it ends
+        try:
+            preemption.close()
+            ckpt.wait()  # raises when the last save failed
+        finally:
+            reporter.close()
     return outcome
