@@ -217,6 +217,22 @@ def test_sigterm_saves_and_stops(toy_data, tmp_path, monkeypatch):
     assert outcome.step == 2 and outcome.preempted
 
 
+def test_a_failed_save_still_closes_the_metrics_writer(toy_data, tmp_path, monkeypatch):
+    """The save fails (a full disk, as Orbax reports it when waiting): the error reaches
+    the caller, and the reporter's writers are closed all the same."""
+
+    def failing_wait(self):
+        raise OSError(28, 'No space left on device')
+
+    closed = []
+    close = loop.Reporter.close
+    monkeypatch.setattr(checkpoint.Checkpointer, 'wait', failing_wait)
+    monkeypatch.setattr(loop.Reporter, 'close', lambda self: closed.append(close(self)))
+    with pytest.raises(OSError, match='No space left'):
+        loop.train_and_evaluate(toy.config(total_steps=3), str(tmp_path), toy_data)
+    assert len(closed) == 1
+
+
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(toy_data, tmp_path):
     config = toy.config(**{'optimizer.lr_scale': 1e30, 'checkpoint_every_steps': 1})
     config.log_every_steps = 1
