@@ -74,15 +74,18 @@ def run():
     flags.DEFINE_string('workdir', None, 'Workdir of a trained run.')
     flags.DEFINE_string('out', None, 'Folder for the pictures and JSON files.')
     flags.DEFINE_integer('sentences', 8, 'Sentences of the split to analyse.')
+    cli.at_least('sentences', 1, 'give 1 or more sentences.')
     flags.DEFINE_string('split', None, "Split to read (default: the config's eval split).")
     flags.DEFINE_string('source', None, 'Analyse these source sentences, one per line.')
     flags.DEFINE_string('target', None, 'Their translations (or LM text), one per line.')
     flags.DEFINE_integer('prune_steps', 8, 'Points on the pruning curve.')
+    cli.at_least('prune_steps', 1, 'give 1 or more points.')
     cli.define_checkpoint_flags()
     flags.DEFINE_string(
         'prompt', None, 'Show attention while generating: text to continue or translate.'
     )
     flags.DEFINE_integer('max_new_tokens', 30, 'With --prompt, language models: tokens to add.')
+    cli.at_least('max_new_tokens', 1, 'give 1 or more tokens to add.')
     cli.run(main)
 
 

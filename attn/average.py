@@ -64,6 +64,7 @@ def main(argv):
 def run():
     flags.DEFINE_string('workdir', None, 'Workdir of a trained run.')
     flags.DEFINE_integer('last', 5, 'Average the parameters of the last K checkpoints.')
+    cli.at_least('last', 1, 'give 1 or more checkpoints to average.')
     cli.define_step_flag('Last checkpoint step to include (default: the latest)')
     flags.DEFINE_string('out', None, 'Workdir to write the average to (default: W/average-lastK).')
     cli.run(main)

@@ -7,7 +7,8 @@ import importlib
 import os
 import re
 import sys
-from typing import NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import jax
 from absl import app, flags
@@ -83,16 +84,58 @@ def define_step_flag(help_: str = 'Checkpoint step (default: the latest)') -> No
     )
 
 
+def check_flag(name: str, ok: Callable[[Any], bool], fix: str) -> None:
+    """Refuses --name while the flags are parsed, before any work, unless `ok(value)` (an
+    unset flag, None, always passes): `error: flag --name=value: fix`, exit status 2."""
+    flags.register_validator(name, lambda value: value is None or ok(value), message=fix)
+
+
+def at_least(name: str, low: int, fix: str) -> None:
+    """`check_flag`: --name >= low."""
+    check_flag(name, lambda value: value >= low, fix)
+
+
 def define_checkpoint_flags() -> None:
     """--step and --average_last, for the commands that read a checkpoint or a mean."""
     define_step_flag()
     flags.DEFINE_integer(
         'average_last',
         1,
-        'Average the parameters of the last K kept checkpoints up to --step; with '
-        '--step=best, those ending at the best (often the best alone: older ones are kept '
-        'only while among the latest config.keep_checkpoints).',
+        'Average the parameters of the last K kept checkpoints up to --step (1: no '
+        'averaging); with --step=best, those ending at the best (older ones are kept only '
+        'while among the latest config.keep_checkpoints).',
     )
+    at_least('average_last', 1, 'give 1 or more checkpoints to average (1 = no averaging).')
+
+
+def define_search_flags(batch_size: int | None = None) -> None:
+    """--beam_size, --alpha and --nbest: the beam search of attn.translate and attn.evaluate;
+    with `batch_size`, --batch_size too (its default)."""
+    flags.DEFINE_integer('beam_size', None, "Beam size (default: the config's); 1 = greedy.")
+    at_least('beam_size', 1, "give 1 or more (1 = greedy); leave it out for the config's.")
+    flags.DEFINE_float('alpha', None, "Length penalty exponent (default: the config's).")
+    at_least('alpha', 0, 'give 0 (no length penalty) or more; the paper uses 0.6.')
+    flags.DEFINE_integer('nbest', 0, 'Also write the K best beam hypotheses (K <= --beam_size).')
+    at_least('nbest', 0, 'give 0 (no lists) or a number of hypotheses up to --beam_size.')
+    if batch_size is not None:
+        flags.DEFINE_integer('batch_size', batch_size, 'Lines translated together.')
+        at_least('batch_size', 1, 'give 1 or more lines per batch.')
+
+
+def define_sampling_flags(max_new_tokens: int) -> None:
+    """--max_new_tokens, --temperature, --top_k, --top_p and --seed: a language model's
+    sampling."""
+    flags.DEFINE_integer('max_new_tokens', max_new_tokens, 'Language models: tokens to add.')
+    at_least('max_new_tokens', 1, 'give 1 or more tokens to add.')
+    flags.DEFINE_float('temperature', 1.0, 'Language models: sampling temperature (0: greedy).')
+    at_least('temperature', 0, "give 0 (greedy) or more; 1 samples the model's distribution.")
+    flags.DEFINE_integer('top_k', 0, 'Language models: sample from the k likeliest (0 = all).')
+    at_least('top_k', 0, 'give 0 (every token) or a number of tokens to sample from.')
+    flags.DEFINE_float('top_p', 1.0, 'Language models: nucleus sampling mass.')
+    check_flag(
+        'top_p', lambda p: 0 < p <= 1, 'give a probability mass in (0, 1]; 1 keeps every token.'
+    )
+    flags.DEFINE_integer('seed', 0, 'Language models: sampling seed.')
 
 
 def config(validate: bool = True):

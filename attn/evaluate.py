@@ -43,13 +43,7 @@ def run():
     flags.DEFINE_string('workdir', None, 'Workdir of a trained run.')
     flags.DEFINE_string('split', 'test', 'Dataset split to score.')
     cli.define_checkpoint_flags()
-    flags.DEFINE_integer(
-        'beam_size', None, 'Beam size (default: config.decode.beam_size); 1 = greedy.'
-    )
-    flags.DEFINE_float('alpha', None, 'Length penalty (default: config.decode.alpha).')
-    flags.DEFINE_integer(
-        'nbest', 0, 'Also write the K best beam hypotheses per example (K <= --beam_size).'
-    )
+    cli.define_search_flags()
     distributed.define_flags()
     cli.run(main)
 

@@ -392,7 +392,11 @@ def select_steps(available: list[int], step: int | None, average_last: int) -> l
         raise checkpoint.CheckpointError(f'No checkpoint of step {step}; there are {available}.')
     steps = [s for s in available if s <= step][-average_last:]
     if len(steps) < average_last:
-        logging.warning('Only %d checkpoints to average: %s', len(steps), steps)
+        raise checkpoint.CheckpointError(
+            f'Averaging the last {average_last} checkpoints up to step {step} (--average_last, '
+            f"or attn.average's --last), but the kept ones up to it are {steps}. "
+            f'Average {len(steps)} or fewer, or keep more (config.keep_checkpoints) in a new run.'
+        )
     return steps
 
 

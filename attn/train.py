@@ -19,6 +19,7 @@ from attn import cli, errors
 from attn.inference import evaluation
 from attn.training import distributed, loop
 
+
 def main(argv):
     del argv
     workdir = cli.workdir()

@@ -31,7 +31,7 @@ def main(argv):
     FLAGS = flags.FLAGS
     workdir = cli.workdir()
     run = rundir.load(workdir, step=FLAGS.step, average_last=FLAGS.average_last)
-    beam_size = FLAGS.beam_size or run.config.decode.beam_size
+    beam_size = run.config.decode.beam_size if FLAGS.beam_size is None else FLAGS.beam_size
     if run.config.model_kind == 'lm' and FLAGS.nbest:
         raise UserError('--nbest lists translations; a language model samples (drop --nbest).')
     batching.check_nbest(FLAGS.nbest, beam_size)
@@ -69,23 +69,15 @@ def main(argv):
 def run():
     flags.DEFINE_string('workdir', None, 'Workdir of a trained run.')
     cli.define_checkpoint_flags()
-    flags.DEFINE_integer('batch_size', 32, 'Lines translated together.')
-    flags.DEFINE_integer('beam_size', None, "Beam size (default: the config's); 1 = greedy.")
-    flags.DEFINE_float('alpha', None, "Length penalty (default: the config's).")
-    flags.DEFINE_integer(
-        'nbest', 0, 'Write the K best beam hypotheses per line as JSON (K <= --beam_size).'
-    )
+    cli.define_search_flags(batch_size=32)
     flags.DEFINE_integer(
         'max_input_tokens', None, 'Longer lines are cut (default: data.max_length).'
     )
+    cli.at_least('max_input_tokens', 1, 'give 1 or more tokens per line.')
     flags.DEFINE_string(
         'prompt', None, 'Language models: continue this text instead of stdin lines.'
     )
-    flags.DEFINE_integer('max_new_tokens', 50, 'Language models: tokens to sample.')
-    flags.DEFINE_float('temperature', 1.0, 'Language models: sampling temperature.')
-    flags.DEFINE_integer('top_k', 0, 'Language models: sample from the k likeliest (0 = all).')
-    flags.DEFINE_float('top_p', 1.0, 'Language models: nucleus sampling mass.')
-    flags.DEFINE_integer('seed', 0, 'Language models: sampling seed.')
+    cli.define_sampling_flags(max_new_tokens=50)
     cli.run(main)
 
 

@@ -100,8 +100,12 @@ def test_step_best_restores_the_best_checkpoint(best_run):
 def test_averaging_uses_the_latest_checkpoints_not_the_best(best_run):
     workdir, _ = best_run
     assert rundir.load(workdir, average_last=2).steps == [7, 8]
-    # Ending at the best: the kept checkpoints up to it, here the best alone.
-    assert rundir.load(workdir, step=rundir.BEST, average_last=2).steps == [4]
+    # Ending at the best: the kept checkpoints up to it, here the best alone, so 2 is refused.
+    assert rundir.load(workdir, step=rundir.BEST).steps == [4]
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r'kept ones up to it are \[4\]\. Average 1'
+    ):
+        rundir.load(workdir, step=rundir.BEST, average_last=2)
 
 
 def test_a_resumed_run_keeps_the_best_from_before(best_run, tmp_path):

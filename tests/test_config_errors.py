@@ -2,6 +2,7 @@
 in-process, and through the commands one line on stderr (`error: ...`) naming the field,
 a non-zero exit status and no traceback."""
 
+import json
 import math
 import os
 import pathlib
@@ -234,3 +235,49 @@ def test_attn_lists_its_commands(argv, code, capsys, monkeypatch):
     assert exited.value.code == code
     out, err = capsys.readouterr()
     assert 'train ' in (out if code == 0 else err) and 'evaluate ' in (out if code == 0 else err)
+
+
+# Each bad flag of the commands that read a checkpoint, refused before any work (the
+# workdir does not exist: reading it would be another error), and what the line says.
+BAD_FLAGS = [
+    ('translate', '--beam_size=0', 'give 1 or more (1 = greedy)'),
+    ('evaluate', '--beam_size=0', 'give 1 or more (1 = greedy)'),
+    ('translate', '--alpha=-0.5', 'give 0 (no length penalty) or more'),
+    ('evaluate', '--alpha=-1', 'give 0 (no length penalty) or more'),
+    ('evaluate', '--nbest=-1', 'up to --beam_size'),
+    ('translate', '--top_p=0', 'a probability mass in (0, 1]'),
+    ('translate', '--top_p=1.5', 'a probability mass in (0, 1]'),
+    ('translate', '--temperature=-1', 'give 0 (greedy) or more'),
+    ('translate', '--top_k=-1', 'give 0 (every token)'),
+    ('translate', '--batch_size=0', 'give 1 or more lines per batch'),
+    ('translate', '--max_input_tokens=0', 'give 1 or more tokens per line'),
+    ('translate', '--max_new_tokens=0', 'give 1 or more tokens to add'),
+    ('score', '--average_last=0', 'give 1 or more checkpoints to average'),
+    ('analyze', '--sentences=0', 'give 1 or more sentences'),
+    ('average', '--last=0', 'give 1 or more checkpoints to average'),
+]
+
+
+def test_every_bad_command_flag_is_one_line_before_any_work(toy_run, tmp_path):
+    """Through the real commands (`cli.run`), forked from one process that imports them;
+    and --average_last beyond the kept checkpoints (3 and 6) of a real run."""
+    missing = f'--workdir={tmp_path / "missing"}'
+    cases = [(command, [missing, flag]) for command, flag, _ in BAD_FLAGS]
+    cases.append(('translate', [f'--workdir={toy_run[0]}', '--average_last=3']))
+    result = subprocess.run(
+        [sys.executable, '-m', 'tests.command_flags'],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = json.loads(result.stdout)
+    expected = [(flag, fix) for _, flag, fix in BAD_FLAGS]
+    expected.append(('--average_last', 'the kept ones up to it are [3, 6]. Average 2 or fewer'))
+    for (status, stderr), (flag, fix) in zip(outcomes, expected, strict=True):
+        assert status == 2, stderr
+        lines = stderr.strip().splitlines()
+        assert 'Traceback' not in stderr and lines[-1].startswith('error: '), stderr
+        assert flag in lines[-1] and fix in lines[-1], lines[-1]

@@ -188,8 +188,8 @@ def test_commands_give_the_same_numbers_and_text_on_1_2_and_4_devices(
 
 def test_sigterm_to_one_host_stops_both_at_one_step_and_the_rerun_equals(two_hosts, tmp_path):
     """SIGTERM reaches process 1 alone, once both have joined: both save the same step
-    (agreed by JAX's preemption service) and exit 75, errors.PREEMPTED; the rerun finishes like a run that
-    was never interrupted, bit for bit."""
+    (agreed by JAX's preemption service) and exit 75, errors.PREEMPTED; the rerun finishes
+    like a run that was never interrupted, bit for bit."""
     whole, _, flags = two_hosts
     workdir = str(tmp_path / 'workdir')
     flags = [f for f in flags if not f.startswith('--workdir')] + [f'--workdir={workdir}']
