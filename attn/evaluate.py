@@ -7,7 +7,8 @@ Restores the parameters onto every device of every process and runs data-paralle
 example of the split (none dropped for length) and reports sacreBLEU (detokenized, with its
 signature), the paper's tokenized BLEU with compound splitting, teacher-forced perplexity,
 the decode settings, the checkpoint steps used, wall time and target tokens/s. Process 0
-writes W/eval/<split>-<step>.json and prints the same JSON.
+writes W/eval/<split>-<step>[-avgK]-beamB-alphaA.json (named by what produced it,
+`rundir.report_name`) and prints the same JSON.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ W/.lock              host, pid and start time of the trainer using W (while it r
 W/checkpoints/       Orbax checkpoints (state, data iterator, config) by step
 W/tensorboard/       TensorBoard event files
 W/metrics.jsonl      one JSON object per logged step / evaluation
-W/eval/              evaluation reports, <split>-<step>.json
+W/eval/              evaluation reports, <split>-<step>[-avgK][-beamB-alphaA].json: named by
+                     what produced them (`report_name`), so no setting overwrites another's
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from attn.training import checkpoint, distributed, sharding
 LOCK = '.lock'
 TOKENIZER = 'tokenizer.json'  # the fingerprint of W/tokenizer/'s model
 TOKENIZER_DIR = 'tokenizer'
+EVAL_DIR = 'eval'
 MODEL_FILE = tokenizer_lib.MODEL_FILE
 
 
@@ -51,6 +53,32 @@ class WorkdirError(UserError, RuntimeError):
 
 def checkpoints(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def report_name(split: str, steps: list[int], search: tuple[int, float] | None) -> str:
+    """The name of the evaluation report in W/eval/ of `split` at checkpoint `steps` (the
+    mean of several), decoded by the beam search `search` (beam size, alpha); None for a
+    language model, which only has a perplexity."""
+    name = f'{split}-{steps[-1]}' + (f'-avg{len(steps)}' if len(steps) > 1 else '')
+    if search is not None:
+        beam_size, alpha = search
+        name += f'-beam{beam_size}-alpha{alpha:g}'
+    return name
+
+
+def read_report(workdir: str, split: str, step: int, config) -> dict | None:
+    """The report of `split` at checkpoint `step` alone, decoded with the config's own search
+    (config.decode), or None when there is none. A report written before reports were named
+    by their search, <split>-<step>.json, counts."""
+    search = None
+    if config.model_kind == 'transformer':
+        search = (config.decode.beam_size, config.decode.alpha)
+    for name in (report_name(split, [step], search), f'{split}-{step}'):
+        path = os.path.join(workdir, EVAL_DIR, f'{name}.json')
+        if os.path.exists(path):
+            with open(path, encoding='utf-8') as f:
+                return json.load(f)
+    return None
 
 
 def write_config(workdir: str, config) -> None:

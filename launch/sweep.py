@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 
-from attn import configs
+from attn import configs, rundir
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,7 @@ def load_config(config: str):
 
 def status(workdir: pathlib.Path, config) -> str:
     split = config.data.eval_split
-    if (workdir / 'eval' / f'{split}-{config.total_steps}.json').exists():
+    if rundir.read_report(str(workdir), split, config.total_steps, config) is not None:
         return 'done'
     checkpoints = workdir / 'checkpoints'
     steps = (

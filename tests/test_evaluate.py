@@ -47,7 +47,16 @@ def test_evaluate_scores_the_averaged_models_translations_against_the_target_sid
     rel = 0.006 / speed['seconds'] + 1e-3
     assert speed['target_tokens_per_s'] == pytest.approx(generated / speed['seconds'], rel=rel)
     assert speed['sentences_per_s'] == pytest.approx(24 / speed['seconds'], rel=rel)
-    with open(os.path.join(workdir, 'eval', 'test-6-avg2.json')) as f:
+    name = f'test-6-avg2-beam2-alpha{alpha:g}'
+    with open(os.path.join(workdir, 'eval', f'{name}.json')) as f:
+        assert json.load(f)['sacrebleu'] == report['sacrebleu']
+    # Another search is another report: the beam-2 one stays as it was.
+    greedy = evaluation.evaluate(
+        workdir, split='test', average_last=2, beam_size=1, data=oracle_data
+    )
+    with open(os.path.join(workdir, 'eval', f'test-6-avg2-beam1-alpha{alpha:g}.json')) as f:
+        assert json.load(f)['sacrebleu'] == greedy['sacrebleu']
+    with open(os.path.join(workdir, 'eval', f'{name}.json')) as f:
         assert json.load(f)['sacrebleu'] == report['sacrebleu']
 
 

@@ -228,3 +228,19 @@ def test_another_tokenizer_than_the_recorded_one_is_refused(
     with pytest.raises(rundir.WorkdirError, match='another tokenizer'):
         rundir.check_tokenizer(str(copied), other)  # resuming with other data
     rundir.check_tokenizer(str(copied), data.tokenizer)
+
+
+def test_reports_are_named_by_what_produced_them(tmp_path):
+    """Split, steps and search in the name; the sweep and the Table 3 report read the one of
+    the config's own search, or a report named before names said the search."""
+    assert rundir.report_name('test', [700], (4, 0.6)) == 'test-700-beam4-alpha0.6'
+    assert rundir.report_name('test', [300, 700], (1, 0.0)) == 'test-700-avg2-beam1-alpha0'
+    assert rundir.report_name('validation', [350], None) == 'validation-350'  # a language model
+    config = toy.config()  # beam 4, alpha 0.6
+    (tmp_path / 'eval').mkdir()
+    assert rundir.read_report(str(tmp_path), 'test', 6, config) is None
+    (tmp_path / 'eval' / 'test-6.json').write_text('{"from": "before"}')
+    assert rundir.read_report(str(tmp_path), 'test', 6, config) == {'from': 'before'}
+    (tmp_path / 'eval' / 'test-6-beam1-alpha0.6.json').write_text('{"from": "greedy"}')
+    (tmp_path / 'eval' / 'test-6-beam4-alpha0.6.json').write_text('{"from": "beam"}')
+    assert rundir.read_report(str(tmp_path), 'test', 6, config) == {'from': 'beam'}

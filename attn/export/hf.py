@@ -106,9 +106,9 @@ def _write_json(path: str, value) -> None:
 # ---------------------------------------------------------------------------- model card
 
 
-def checkpoint_scores(workdir: str, step: int) -> dict:
+def checkpoint_scores(workdir: str, step: int, config) -> dict:
     """The validation perplexity logged at `step` (W/metrics.jsonl) and the test report of
-    `step` (W/eval/test-<step>.json), where the workdir has them."""
+    `step` with the config's own search (`rundir.read_report`), where the workdir has them."""
     scores = {}
     metrics = os.path.join(workdir, 'metrics.jsonl')
     if os.path.exists(metrics):
@@ -117,10 +117,8 @@ def checkpoint_scores(workdir: str, step: int) -> dict:
                 row = json.loads(line)
                 if row.get('step') == step and 'perplexity' in row:
                     scores[f'{row["split"]} perplexity'] = round(row['perplexity'], 2)
-    report = os.path.join(workdir, 'eval', f'test-{step}.json')
-    if os.path.exists(report):
-        with open(report, encoding='utf-8') as f:
-            test = json.load(f)
+    test = rundir.read_report(workdir, 'test', step, config)
+    if test is not None:
         scores['test perplexity'] = round(test['perplexity'], 2)
         if 'sacrebleu' in test:
             scores['test sacreBLEU'] = round(test['sacrebleu']['bleu'], 2)
@@ -131,7 +129,8 @@ def checkpoint_scores(workdir: str, step: int) -> dict:
 def model_card(run: rundir.Run, workdir: str) -> str:
     """README.md of the Hugging Face directory: data, model, steps, scores, usage."""
     config, data = run.config, run.config.data
-    scores = checkpoint_scores(workdir, run.step) or {'scores': 'none recorded in the workdir'}
+    scores = checkpoint_scores(workdir, run.step, config)
+    scores = scores or {'scores': 'none recorded in the workdir'}
     steps = f'{run.step}' + (f' (mean of checkpoints {run.steps})' if len(run.steps) > 1 else '')
     model = ', '.join(f'{k}={v}' for k, v in config.model.items())
     lines = [

@@ -161,9 +161,10 @@ def evaluate(
         pairs = zip(hypotheses[:5], refs[:5], strict=True)
         report['samples'] = [{'reference': r, 'translation': h} for h, r in pairs]
     report['seconds'] = round(time.perf_counter() - start, 2)
-    name = f'{split}-{run.step}' + (f'-avg{len(run.steps)}' if len(run.steps) > 1 else '')
+    search = (beam_size, alpha) if config.model_kind == 'transformer' else None
+    name = rundir.report_name(split, run.steps, search)
     if nbest:
-        report['nbest'] = {'k': nbest, 'file': os.path.join('eval', f'{name}.nbest.jsonl')}
+        report['nbest'] = {'k': nbest, 'file': os.path.join(rundir.EVAL_DIR, f'{name}.nbest.jsonl')}
     if distributed.is_main():
         write_report(workdir, report, name)
         if nbest:
@@ -194,7 +195,7 @@ def write_report(workdir: str, report: dict, name: str) -> str | None:
 def _write_eval_file(workdir: str, filename: str, content: str, what: str) -> str | None:
     """Writes W/eval/<filename>; its path, or None after a warning naming it. A file left
     half-written (a full disk) is removed: it would read as a result."""
-    path = os.path.join(workdir, 'eval', filename)
+    path = os.path.join(workdir, rundir.EVAL_DIR, filename)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, 'w', encoding='utf-8') as f:

@@ -18,7 +18,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from attn import configs  # noqa: E402
+from attn import configs, rundir  # noqa: E402
 from attn import plot as learning_curves  # noqa: E402
 from attn.model.config import ModelConfig  # noqa: E402
 from attn.summary import summarize  # noqa: E402
@@ -36,10 +36,9 @@ def read_run(workdir: pathlib.Path) -> dict | None:
         return None
     config = configs.upgrade(json.loads((workdir / 'config.json').read_text()))
     split, steps = config.data.eval_split, config.total_steps
-    report_path = workdir / 'eval' / f'{split}-{steps}.json'
-    if not report_path.exists():
+    report = rundir.read_report(str(workdir), split, steps, config)
+    if report is None:
         return None
-    report = json.loads(report_path.read_text())
     rows = learning_curves.read_metrics(str(workdir))
     train_rows = [r for r in rows if 'split' not in r and 'time' in r]
     wall = train_rows[-1]['time'] - train_rows[0]['time'] if len(train_rows) > 1 else None
