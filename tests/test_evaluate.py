@@ -136,6 +136,23 @@ def test_language_model_prompts_are_continued(tmp_path):
     assert sampled(0) == first
 
 
+def test_a_continuation_keeps_the_space_after_the_prompt(tmp_path, monkeypatch):
+    """The sampler's tokens are scripted: the prompt's, then the pieces of ' sat down'
+    (a word boundary first), which SentencePiece alone decodes without it."""
+    from attn import decoding
+
+    tokenizer = toy.data(tmp_path).tokenizer
+    prompt, continuation = tokenizer.encode('the cat')[:-1], tokenizer.encode('sat down')
+    assert tokenizer.decode(continuation) == 'sat down'  # the boundary is dropped alone
+    row = np.array([prompt + continuation + [0] * 4], np.int32)
+    monkeypatch.setattr(decoding, 'sample', lambda *args, **kwargs: row)
+    config = toy.config()
+    config.model_kind = 'lm'
+    run = rundir.Run(config=config, model=None, steps=[0])
+    out = text.continue_prompts(run, tokenizer, ['the cat'], max_new_tokens=6)
+    assert out == ['the cat sat down']
+
+
 def test_nbest_lists_start_with_the_one_best_and_fall(trained):
     """evaluate --nbest=3 writes every example's 3 best hypotheses, the first being the
     reported translation; translate --nbest=2 gives one JSON object per line, empty lines

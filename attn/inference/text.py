@@ -129,5 +129,13 @@ def continue_prompts(run, tokenizer, prompts: list[str], *, max_new_tokens: int,
         decoding.sample(run.model, prompt_array, lengths, max_length=width, **sampling)
     )
     return [
-        p + tokenizer.decode(row[n:]) for p, row, n in zip(prompts, tokens, lengths, strict=True)
+        _joined(tokenizer, p, row, n) for p, row, n in zip(prompts, tokens, lengths, strict=True)
     ]
+
+
+def _joined(tokenizer, prompt: str, row, prompt_length: int) -> str:
+    """The prompt and its continuation, decoded together so that the word boundary after the
+    prompt stays (SentencePiece drops a leading one); the prompt as the user gave it, where
+    the tokenizer gives it back unchanged."""
+    head, whole = tokenizer.decode(row[:prompt_length]), tokenizer.decode(row)
+    return prompt + whole[len(head) :] if whole.startswith(head) else whole
