@@ -5,6 +5,7 @@ import pathlib
 import shutil
 import socket
 import time
+import types
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import tensorflow_datasets as tfds
 from attn import configs
 from attn import prepare as prepare_lib
 from attn.data import datasets
+from attn.data import tokenizer as tokenizer_lib
 from tests import toy
 from tests.toy import CONFIGS
 
@@ -116,3 +118,36 @@ def test_a_truncated_record_file_is_named_before_anything_runs(fixture_corpus, t
     config.data.data_dir = str(data_dir)
     with pytest.raises(datasets.DataError, match=r"of the 'train' split .* damaged or truncated"):
         datasets.load(config)
+
+
+def test_a_rebuilt_corpus_of_the_same_size_gets_its_own_tokenizer(tmp_path, monkeypatch):
+    """The tokenizer's key holds the training split's content: the same files (rewritten,
+    so re-hashed) reuse it; other text of the same size and count trains another."""
+    from tests.test_tokenizer import VOCAB, _must_not_train, make_sentences
+
+    records = tmp_path / 'data' / 'l10n_translate' / 'train.array_record-00000-of-00001'
+    records.parent.mkdir(parents=True)
+    dataset = types.SimpleNamespace(
+        info=types.SimpleNamespace(
+            full_name='l10n_translate/en-de/1.0.0',
+            splits={'train': types.SimpleNamespace(filepaths=[str(records)])},
+        )
+    )
+    config = configs.set_fields(
+        configs.load(CONFIGS / 'l10n.py', 'size=tiny'),
+        {'data.data_dir': str(tmp_path / 'data'), 'data.vocab_size': VOCAB},
+    )
+
+    def tokenizer(seed: int):
+        """The corpus of `seed` (its record file: its sentences), and its tokenizer."""
+        sentences = make_sentences(600, seed)
+        records.write_text('\n'.join(sentences).ljust(60_000))  # always the same size
+        source = [{'en': s.encode(), 'de': s.encode()} for s in sentences]
+        return datasets.load_tokenizer(config, dataset, source)
+
+    first = tokenizer(0)
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizer_lib, '_train', _must_not_train)
+        assert tokenizer(0).path == first.path  # written again, the same content
+    other = tokenizer(1)
+    assert other.path != first.path and other.path.exists() and first.path.exists()

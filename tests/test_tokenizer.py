@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from attn.data import tokenizer as tokenizer_lib
+from attn.errors import UserError
 from attn.model.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 WORDS = (
@@ -150,3 +151,13 @@ def test_a_damaged_model_file_is_named(tok, tmp_path, damage):
     model.write_bytes(good[: len(good) // 3] if damage == 'truncated' else b'not a model')
     with pytest.raises(UserError, match=f'SentencePiece model {model} cannot be read'):
         tokenizer_lib.Tokenizer.load(tmp_path)
+
+
+def test_an_unwritable_directory_is_named_before_training(corpus, tmp_path, monkeypatch):
+    """(As root, permissions do not stop a write: a file where a folder must go does.)"""
+    (tmp_path / 'data').write_text('a file where the data dir goes')
+    monkeypatch.setattr(tokenizer_lib, '_train', _must_not_train)
+    with pytest.raises(UserError, match=r'written to .*/data/tokenizers/t-bpe400-.* cannot be'):
+        tokenizer_lib.train_or_load(
+            corpus, directory=tmp_path / 'data' / 'tokenizers', name='t', vocab_size=VOCAB
+        )

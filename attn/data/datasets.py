@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import hashlib
 import importlib
+import json
 import os
 import re
 import socket
@@ -21,6 +23,7 @@ from typing import Any
 import jax
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 
 from attn import configs
 from attn.data import pipeline
@@ -189,7 +192,9 @@ class _CheckedSource:
 def load_tokenizer(
     config, dataset: tfds.core.DatasetBuilder, train_source
 ) -> tokenizer_lib.Tokenizer:
-    """The shared SentencePiece model, trained on the training split the first time."""
+    """The shared SentencePiece model, trained on the training split the first time. Its
+    cache key holds the split's content (`split_digest`), so a corpus rebuilt with other
+    text, even of the same size, gets a tokenizer of its own."""
     names = features(config)
 
     def sentences():
@@ -198,14 +203,56 @@ def load_tokenizer(
             for name in names:
                 yield example[name]
 
-    fingerprint = f'{dataset.info.full_name}:{len(train_source)}'
+    directory = os.path.join(data_dir(config.data), 'tokenizers')
+    digest = split_digest(dataset, 'train', directory)
     return tokenizer_lib.train_or_load(
         sentences,
-        directory=os.path.join(data_dir(config.data), 'tokenizers'),
+        directory=directory,
         name=builder_name(config.data).replace('/', '-'),
         vocab_size=config.data.vocab_size,
-        fingerprint=fingerprint,
+        fingerprint=f'{dataset.info.full_name}:{len(train_source)}:{digest}',
     )
+
+
+DIGESTS = 'digests.json'  # in the tokenizers' directory: {file: [*_stamp(file), sha256]}
+
+
+def split_digest(dataset: tfds.core.DatasetBuilder, split: str, cache_dir: str) -> str:
+    """sha256 over the sha256 of each record file of `split`: the text a tokenizer trained on
+    it saw. Reading a large split takes seconds, so each file's hash is kept in
+    `cache_dir`/digests.json with its size and modification time, and read again only after
+    the file changes (a rebuild); where the cache cannot be written, it is computed again."""
+    cache_path = epath.Path(cache_dir) / DIGESTS
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    digest, changed = hashlib.sha256(), False
+    for path in sorted(epath.Path(p) for p in dataset.info.splits[split].filepaths):
+        stamp = _stamp(path)
+        entry = cache.get(str(path))
+        if entry is None or entry[:-1] != stamp:
+            with path.open('rb') as f:
+                entry = [*stamp, hashlib.file_digest(f, 'sha256').hexdigest()]
+            cache[str(path)], changed = entry, True
+        digest.update(entry[-1].encode())
+    if changed:
+        with contextlib.suppress(OSError):  # a read-only data dir: computed on every load
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = cache_path.parent / f'.{DIGESTS}.{os.getpid()}'
+            temporary.write_text(json.dumps(cache, indent=1))
+            temporary.replace(cache_path)
+    return digest.hexdigest()[:16]
+
+
+def _stamp(path: epath.Path) -> list[int]:
+    """What changes when a file is written again: size and mtime (local files: in ns, and
+    the inode)."""
+    if '://' in str(path):
+        stat = path.stat()
+        return [stat.length, int(stat.mtime)]
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
 
 
 @dataclasses.dataclass

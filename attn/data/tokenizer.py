@@ -166,6 +166,7 @@ def train_or_load(
     if (path / MODEL_FILE).exists():
         logging.info('Loading the SentencePiece model %s', path / MODEL_FILE)
         return Tokenizer.load(path)
+    _check_writable(path)  # before the training, not after it
     if sample is None:
         sample, count = _sample(_iterate(sentences), max_sentences, None)
     start = time.perf_counter()
@@ -250,6 +251,23 @@ def _train(sample: list[str], options: dict, num_threads: int) -> bytes:
             'text.'
         ) from e
     return model.getvalue()
+
+
+def _check_writable(path: epath.Path) -> None:
+    """Raises UserError when the tokenizer about to be trained could not be written to
+    `path` (a read-only data dir), naming it and the fixes."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f'.probe-{os.getpid()}'
+        probe.write_bytes(b'')
+        probe.unlink()
+    except OSError as error:
+        raise UserError(
+            f'A tokenizer must be trained for this data and written to {path}, which cannot be '
+            f'written ({error.strerror or error}). Make it writable, or point '
+            '--config.data.data_dir (or TFDS_DATA_DIR) at a writable directory holding the '
+            'data; nothing was trained.'
+        ) from None
 
 
 def _write(path: epath.Path, proto: bytes, meta: dict | None) -> None:
