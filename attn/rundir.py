@@ -443,20 +443,90 @@ def load_params(
     workdir: str, *, step: int | str | None = None, average_last: int = 1, mesh: Mesh
 ) -> tuple[config_dict.ConfigDict, list[int], Any]:
     """(config, steps, parameters as saved: nested dicts of arrays on `mesh`) of checkpoint
-    `step` (default: the latest; BEST: the best kept), or the mean over the last
+    `step` (default: the newest readable; BEST: the best kept), or the mean over the last
     `average_last` kept checkpoints up to it."""
-    ckpt = open_checkpoints(workdir)
-    try:
-        steps = select_steps(ckpt.all_steps(), resolve_step(ckpt, step), average_last)
-        config = configs.upgrade(ckpt.restore_config(steps[-1]))
+
+    def read(ckpt, steps):
+        config = configs.upgrade(_read_step(steps[-1], lambda: ckpt.restore_config(steps[-1])))
 
         def shardings(tree):
             return sharding.state_shardings(tree, mesh, config.sharding)
 
-        params = running_mean(lambda s: ckpt.restore_params(s, shardings), steps)
+        def restore_one(s):
+            return _read_step(s, lambda: ckpt.restore_params(s, shardings))
+
+        return config, steps, running_mean(restore_one, steps)
+
+    return _newest_readable(workdir, step, average_last, read)
+
+
+def checkpoint_config(
+    workdir: str, *, step: int | str | None = None, average_last: int = 1
+) -> tuple[config_dict.ConfigDict, list[int]]:
+    """(config, steps) that `load_params` would read, without reading any parameters."""
+
+    def read(ckpt, steps):
+        return configs.upgrade(_read_step(steps[-1], lambda: ckpt.restore_config(steps[-1]))), steps
+
+    return _newest_readable(workdir, step, average_last, read)
+
+
+class _Damaged(Exception):
+    """Checkpoint `step` cannot be read."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(reason)
+        self.step = step
+
+
+def _read_step(step: int, read: Callable[[], Any]) -> Any:
+    """read(), with a failure to read checkpoint `step` raised as _Damaged; a checkpoint that
+    is readable but refused (CheckpointError: another model, not attn's) as it is."""
+    try:
+        return read()
+    except checkpoint.CheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever Orbax or TensorStore raise
+        raise _Damaged(step, checkpoint.short_error(error)) from error
+
+
+def _newest_readable(workdir: str, step, average_last: int, read: Callable) -> Any:
+    """read(ckpt, steps) of the `average_last` steps ending at `step`. Without `step` or
+    averaging, a latest checkpoint that cannot be read is named in a warning and the one
+    before it is used, its files left as they are (training sets it aside when it resumes);
+    a step that was asked for, or averaged over, is refused naming it. Every process
+    agrees on what was readable, so none goes on while another stops."""
+    ckpt = open_checkpoints(workdir)
+    try:
+        available, end = ckpt.all_steps(), resolve_step(ckpt, step)
+        while True:
+            steps = select_steps(available, end, average_last)
+            damaged, result = None, None
+            try:
+                result = read(ckpt, steps)
+            except _Damaged as error:
+                damaged = error
+            bad = int(distributed.agreed_max([-1 if damaged is None else damaged.step])[0])
+            if bad < 0:
+                return result
+            reason = str(damaged) if damaged is not None else 'unreadable on another process'
+            path = os.path.join(ckpt.directory, str(bad))
+            available = [s for s in available if s != bad]
+            if end is not None or len(steps) > 1 or not available:
+                others = f'the others kept are {available}' if available else 'none other is kept'
+                raise checkpoint.CheckpointError(
+                    f'Checkpoint {path} cannot be read ({reason}). Give --step (and '
+                    f'--average_last) to leave it out: {others}. Its files are left as they are.'
+                )
+            logging.warning(
+                'Checkpoint %s cannot be read (%s): using step %d, the newest readable one. '
+                'Its files are left as they are.',
+                path,
+                reason,
+                available[-1],
+            )
     finally:
         ckpt.close()
-    return config, steps, params
 
 
 def load(

@@ -281,3 +281,16 @@ def test_every_bad_command_flag_is_one_line_before_any_work(toy_run, tmp_path):
         lines = stderr.strip().splitlines()
         assert 'Traceback' not in stderr and lines[-1].startswith('error: '), stderr
         assert flag in lines[-1] and fix in lines[-1], lines[-1]
+
+
+def test_a_machine_without_apt_get_is_one_line_naming_the_packages(tmp_path):
+    (tmp_path / 'bin').mkdir()  # PATH: no apt-get, nothing else
+    result = _command(
+        '-m',
+        'attn.prepare',
+        '--config=configs/l10n.py:size=tiny',
+        f'--config.data.data_dir={tmp_path / "data"}',
+        env=os.environ | {'PATH': str(tmp_path / 'bin'), 'TMPDIR': str(tmp_path)},
+    )
+    assert result.returncode == 2
+    _assert_one_line_error(result, 'apt-get is not available', 'libreoffice-help-de_*.deb')

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from attn import rundir
@@ -270,6 +271,48 @@ def test_no_readable_checkpoint_is_one_line_naming_the_directory(run):
     assert str(checkpoints / '6') in message and str(checkpoints / '3') in message
     assert '\n' not in message and 'different model' not in message
     assert sorted(os.listdir(checkpoints)) == ['3', '6']  # nothing moved or deleted
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+@pytest.mark.parametrize('damage', ['truncated arrays', 'no state metadata'])
+def test_reading_commands_use_the_newest_readable_checkpoint(run, caplog, damage):
+    """Without --step, a damaged latest checkpoint is named in one warning and the one
+    before it read, nothing moved; asked for by --step, or averaged over, it is refused.
+    (What a reading command never reads, the iterator state or the commit record, does not
+    make a checkpoint unreadable to it.)"""
+    workdir, _ = run
+    checkpoints = workdir / 'checkpoints'
+    DAMAGES[damage](checkpoints / '6')
+    before = _hashes(checkpoints)
+    caplog.set_level(logging.INFO, logger='absl')
+    assert rundir.load(str(workdir)).steps == [3]
+    warnings = [w for w in _warnings(caplog).splitlines() if 'cannot be read' in w]
+    assert len(warnings) == 1 and f'Checkpoint {checkpoints / "6"} cannot be read' in warnings[0]
+    assert 'using step 3, the newest readable one' in warnings[0]
+    for asked in (dict(step=6), dict(average_last=2)):
+        with pytest.raises(checkpoint.CheckpointError, match=r'the others kept are \[3\]'):
+            rundir.load(str(workdir), **asked)
+    assert _hashes(checkpoints) == before
+
+
+def test_a_checkpoint_attn_did_not_write_is_one_line(tmp_path):
+    """An Orbax checkpoint of something else under W/checkpoints, through attn.translate."""
+    manager = ocp.CheckpointManager(tmp_path / 'checkpoints')
+    manager.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave({'w': np.ones(3)})))
+    manager.wait_until_finished()
+    manager.close()
+    result = subprocess.run(
+        [sys.executable, '-m', 'attn.translate', f'--workdir={tmp_path}'],
+        input='Hello.\n',
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert f'error: {tmp_path / "checkpoints" / "5"} is not a checkpoint attn.train wrote' in last
+    assert "its items: ['params']" in last
 
 
 # ------------------------------------------------------------------------- 5. disk, permissions

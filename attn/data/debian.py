@@ -22,6 +22,8 @@ from html.parser import HTMLParser
 
 from absl import logging
 
+from attn.errors import UserError
+
 APT_LISTS_DIR = '/var/lib/apt/lists'
 _STALE_HINT = 'If the package lists are stale, run `sudo apt-get update` and retry. '
 HELP_DIR = 'usr/share/libreoffice/help'
@@ -29,8 +31,9 @@ UI_DIR = 'usr/lib/libreoffice/program/resource'
 DING_FILE = 'usr/share/trans/de-en'
 
 
-class DebianError(RuntimeError):
-    """Raised when the `.deb` files cannot be fetched or unpacked; the message says what to do."""
+class DebianError(UserError, RuntimeError):
+    """Raised when the `.deb` files cannot be fetched or unpacked; the message says what to do
+    (commands print it as one line, no traceback)."""
 
 
 # ----------------------------------------------------------------------------- fetching

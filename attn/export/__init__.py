@@ -18,7 +18,7 @@ import os
 from absl import flags
 from flax import nnx
 
-from attn import cli, configs, rundir
+from attn import cli, rundir
 from attn.data import tokenizer as tokenizer_lib
 from attn.errors import UserError
 from attn.export import ct2, hf
@@ -76,15 +76,12 @@ def main(argv):
     if FLAGS.out is None:
         raise UserError('--out is required: the directory to write the exported model to.')
     check_out(FLAGS.out)
-    ckpt = rundir.open_checkpoints(workdir)
-    try:
-        step = rundir.resolve_step(ckpt, FLAGS.step)
-        steps = rundir.select_steps(ckpt.all_steps(), step, FLAGS.average_last)
-        # Refused before any weights are restored (export checks the rest again).
-        check_exportable(configs.upgrade(ckpt.restore_config(steps[-1])))
-    finally:
-        ckpt.close()
-    run = rundir.load(workdir, step=step, average_last=FLAGS.average_last)
+    # Refused before any weights are restored (export checks the rest again).
+    config, steps = rundir.checkpoint_config(
+        workdir, step=FLAGS.step, average_last=FLAGS.average_last
+    )
+    check_exportable(config)
+    run = rundir.load(workdir, step=steps[-1], average_last=FLAGS.average_last)
     tokenizer = rundir.tokenizer(workdir, run.config)
     for directory in export(
         run,

@@ -166,7 +166,8 @@ class Checkpointer:
             metadata = self.manager.metadata(step)
             saved = metadata.item_metadata['state']
         except Exception as error:  # noqa: BLE001 - any unreadable metadata
-            raise _Unreadable(f'its state metadata cannot be read ({_short(error)})') from error
+            reason = f'its state metadata cannot be read ({short_error(error)})'
+            raise _Unreadable(reason) from error
         if metadata.commit_timestamp_nsecs is None:  # Orbax records it as a save completes
             raise _Unreadable('its _CHECKPOINT_METADATA is missing or records no commit')
         if saved is None:
@@ -178,7 +179,7 @@ class Checkpointer:
         try:  # Orbax reads the arrays only now: a damaged file fails here
             return self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:  # noqa: BLE001 - any unreadable array or iterator state
-            raise _Unreadable(_short(error)) from error
+            raise _Unreadable(short_error(error)) from error
 
     def _set_aside(self, steps: list[int], restored: int) -> None:
         """Renames the unreadable step directories to `<step>.unreadable` (process 0), so
@@ -217,9 +218,20 @@ class Checkpointer:
         return self.manager.restore(step, args=args)['state']['params']
 
     def restore_config(self, step: int | None = None) -> dict:
+        """The config saved with `step` (default: the latest); CheckpointError when the step
+        has no config item: a checkpoint that attn.train did not write."""
         step = self.latest_step() if step is None else step
         args = ocp.args.Composite(config=ocp.args.JsonRestore())
-        return self.manager.restore(step, args=args)['config']
+        try:
+            return self.manager.restore(step, args=args)['config']
+        except KeyError as error:
+            if 'config' not in str(error):
+                raise
+            items = sorted(p.name for p in (self.directory / str(step)).iterdir() if p.is_dir())
+            raise CheckpointError(
+                f'{self.directory / str(step)} is not a checkpoint attn.train wrote: it has no '
+                f'config item (its items: {items}). Point --workdir at an attn run directory.'
+            ) from None
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
@@ -302,7 +314,7 @@ def _not_missing_metrics(record) -> bool:
     return 'did not provide metrics' not in record.getMessage()
 
 
-def _short(error: BaseException, limit: int = 200) -> str:
+def short_error(error: BaseException, limit: int = 200) -> str:
     """'Type: first line of the message', at most `limit` characters."""
     lines = str(error).strip().splitlines()
     first = lines[0].split(' See full TensorStore details')[0] if lines else ''
