@@ -4,6 +4,7 @@ the hosts."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -244,3 +245,54 @@ def test_a_cluster_that_cannot_start_fails_at_once_and_writes_nothing(tmp_path):
     assert 'error: Could not start the multi-process run' in result.stderr
     assert '--coordinator_address' in result.stderr.splitlines()[-1]
     assert not workdir.exists()
+
+
+def _train_alone(flags: list[str], devices: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, '-m', 'attn.train', *flags],
+        cwd=REPO,
+        env=_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+NEW_ORDER = 'The data iterator was saved by {} processes and this run has {}: parameters'
+
+
+def _learning_rates(workdir) -> dict[int, float]:
+    with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+        rows = [json.loads(line) for line in f]
+    return {row['step']: row['learning_rate'] for row in rows if 'learning_rate' in row}
+
+
+def test_a_two_process_run_resumes_on_one_process(two_hosts, tmp_path):
+    """Step 4 of the two-host run, resumed by 1 process of 4 devices (the same global
+    batch): it says, in one line, that the data order restarts; the state resumes, so the
+    learning rate goes on from step 4 as the uninterrupted run's did."""
+    whole, _, flags = two_hosts
+    workdir = tmp_path / 'workdir'
+    shutil.copytree(whole, workdir)
+    for step in (8, 12):
+        shutil.rmtree(workdir / 'checkpoints' / str(step))
+    flags = [f for f in flags if not f.startswith('--workdir')] + [f'--workdir={workdir}']
+    result = _train_alone(flags, devices=4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count(NEW_ORDER.format(2, 1)) == 1
+    assert 'Restored checkpoint of step 4' in result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])['step'] == 12
+    resumed, uninterrupted = _learning_rates(workdir), _learning_rates(whole)
+    assert resumed[8] == uninterrupted[8] and resumed[12] == uninterrupted[12]
+
+
+def test_a_one_process_run_resumes_on_two_processes(fixture_corpus, tmp_path):
+    workdir = tmp_path / 'workdir'
+    flags = [*TRAIN_FLAGS, f'--workdir={workdir}', f'--config.data.data_dir={fixture_corpus}']
+    first = _train_alone([*flags, '--config.total_steps=4'], devices=4)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = _two_hosts('train', [*flags, '--config.total_steps=8'], tmp_path)
+    for result in results:
+        assert result['log'].count(NEW_ORDER.format(1, 2)) == 1
+    assert results[0]['reports'][0]['step'] == 8
+    assert sorted(_learning_rates(workdir)) == [4, 8]

@@ -241,3 +241,21 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(toy_data, tmp_path)
     step, params = _params(str(tmp_path))
     assert step >= 1
     assert all(np.isfinite(p).all() for p in params)
+
+
+def test_a_restarted_data_order_is_seeded_by_the_step(toy_data):
+    """A resume on another number of processes restarts the data order: the same for the
+    same step (a rerun reproduces it), another for another step or none."""
+    config = toy.config()
+
+    def first_targets(restart_at):
+        iterator = toy_data.train_iterator(config, restart_at=restart_at)
+        try:
+            return next(iterator)['targets']
+        finally:
+            iterator.close()
+
+    again = first_targets(4)
+    np.testing.assert_array_equal(again, first_targets(4))
+    assert not np.array_equal(again, first_targets(None))
+    assert not np.array_equal(again, first_targets(8))

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
@@ -263,8 +264,13 @@ class Data:
     features: tuple[str, ...]
     splits: dict[str, Any]
 
-    def train_iterator(self, config):
-        """Packed, shuffled, host-sharded training batches (checkpointable)."""
+    def train_iterator(self, config, restart_at: int | None = None):
+        """Packed, shuffled, host-sharded training batches (checkpointable). `restart_at`: a
+        step at which the data order starts afresh (a resume on another number of
+        processes): a new shuffle of every shard, seeded by the data seed and that step."""
+        seed = configs.source_seed(config, 'data')
+        if restart_at is not None:
+            seed = int(np.random.SeedSequence([seed, restart_at]).generate_state(1)[0])
         rows = pipeline.batch_rows(
             config.data.tokens_per_batch,
             config.data.max_length,
@@ -277,7 +283,7 @@ class Data:
             features=self.features,
             rows=rows * config.grad_accum_steps,
             length=config.data.max_length,
-            seed=configs.source_seed(config, 'data'),
+            seed=seed,
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
             worker_count=config.data.worker_count,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import time
 from typing import Any
@@ -32,6 +33,8 @@ from etils import epath
 
 from attn.errors import UserError
 from attn.training import distributed
+
+_PROCESS_FILE = re.compile(r'process_\d+-of-(\d+)\.json')  # Grain's name for a host's state
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -201,6 +204,16 @@ class Checkpointer:
                 )
         distributed.barrier('attn-checkpoints-set-aside')
         self.manager.reload()
+
+    def saved_process_count(self, step: int | None = None) -> int | None:
+        """How many processes saved the data iterator of `step` (default: the latest): n of
+        Grain's data/process_<i>-of-<n>.json files; None when there are none."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        names = (self.directory / str(step) / 'data').glob('process_*-of-*.json')
+        counts = {int(match[1]) for p in names if (match := _PROCESS_FILE.fullmatch(p.name))}
+        return counts.pop() if len(counts) == 1 else None
 
     def restore_params(self, step: int, shardings) -> Any:
         """The saved parameters of `step` (nested dicts of arrays), and nothing else: the

@@ -169,6 +169,15 @@ DATA_FIELDS = ('name', 'config', 'vocab_size', 'source_lang', 'target_lang')
 ITERATOR_FIELDS = ('worker_count',)
 
 
+# A resume on another number of processes: what holds and what does not, in one line.
+_NEW_DATA_ORDER = (
+    'The data iterator was saved by %d processes and this run has %d: parameters, optimizer '
+    'state, step and dropout resume exactly, but the data order restarts at step %d with a '
+    'new shuffle of every shard (examples of the interrupted epoch may repeat or be missed). '
+    'Resume with the saved number of processes to continue the data order exactly.'
+)
+
+
 # The noise sources whose seed a resume continues with (exactly, batch for batch).
 RESUMED_SEEDS = ('data', 'dropout')
 
@@ -189,7 +198,16 @@ def train_and_evaluate(config, workdir: str, data: datasets.Data | None = None) 
             state = steps.state
             if ckpt.latest_step() is not None:
                 rundir.check_tokenizer(workdir, data.tokenizer)
-                state = ckpt.restore(state, train_iter)
+                saved_processes = ckpt.saved_process_count()
+                if saved_processes in (None, jax.process_count()):
+                    state = ckpt.restore(state, train_iter)
+                else:  # the iterator's state is per process: it cannot continue here
+                    state = ckpt.restore(state)
+                    train_iter.close()
+                    train_iter = data.train_iterator(config, restart_at=int(state.step))
+                    logging.warning(
+                        _NEW_DATA_ORDER, saved_processes, jax.process_count(), int(state.step)
+                    )
             if int(state.step) == config.total_steps:
                 logging.warning(
                     'already finished at step %d; nothing to do (python -m attn.evaluate '
