@@ -173,25 +173,31 @@ def test_seed_controls_order_and_epochs_reshuffle(pairs, tok, index_of):
     assert first[window : n - window] != first[n + window : 2 * n - window]  # reshuffled
 
 
-def test_shards_are_disjoint_and_complete(pairs, tok, index_of):
-    shards = []
-    for shard in range(3):
+def test_hosts_rows_join_into_the_one_process_batches(pairs, tok):
+    """3 hosts each keep a third of the rows of every global batch: joined in host order,
+    they are the batches one process reads, so training is the same on any number of
+    processes and the iterator state is one state."""
+
+    def batches(shard, count):
         it = pipeline.train_batches(
             pairs,
             tok,
             features=FEATURES,
-            rows=2,
-            length=256,
+            rows=6,
+            length=64,
             seed=0,
             shard_index=shard,
-            shard_count=3,
+            shard_count=count,
         )
-        seen = []
-        while len(seen) < 150:
-            seen += batch_examples(next(it), tok, index_of, pairs)
-        shards.append(set(seen))
-    assert set.union(*shards) == set(range(N))
-    assert sum(map(len, shards)) == N
+        return [next(it) for _ in range(5)], it.get_state()
+
+    whole, state = batches(0, 1)
+    parts = [batches(shard, 3) for shard in range(3)]
+    for b, batch in enumerate(whole):
+        for key, value in batch.items():
+            joined = np.concatenate([part[b][key] for part, _ in parts])
+            np.testing.assert_array_equal(joined, value, err_msg=key)
+    assert all(part_state == state for _, part_state in parts)
 
 
 def test_language_model_mode(pairs, tok, index_of):

@@ -244,8 +244,8 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(toy_data, tmp_path)
 
 
 def test_a_restarted_data_order_is_seeded_by_the_step(toy_data):
-    """A resume on another number of processes restarts the data order: the same for the
-    same step (a rerun reproduces it), another for another step or none."""
+    """A resume whose iterator state cannot continue restarts the data order: the same for
+    the same step (a rerun reproduces it), another for another step or none."""
     config = toy.config()
 
     def first_targets(restart_at):
@@ -259,3 +259,15 @@ def test_a_restarted_data_order_is_seeded_by_the_step(toy_data):
     np.testing.assert_array_equal(again, first_targets(4))
     assert not np.array_equal(again, first_targets(None))
     assert not np.array_equal(again, first_targets(8))
+
+
+def test_a_resume_with_another_global_batch_restarts_the_data_order(toy_data, tmp_path, caplog):
+    """Rows per batch changed (tokens_per_batch): the saved iterator state does not fit, so
+    the state resumes and the data order restarts at the resumed step, with one warning."""
+    caplog.set_level('WARNING', logger='absl')
+    loop.train_and_evaluate(toy.config(total_steps=3), str(tmp_path), toy_data)
+    wider = toy.config(**{'data.tokens_per_batch': 2 * toy.config().data.tokens_per_batch})
+    outcome = loop.train_and_evaluate(wider, str(tmp_path), toy_data)
+    assert outcome.step == 6
+    warned = [r.getMessage() for r in caplog.records if 'data order restarts' in r.getMessage()]
+    assert len(warned) == 1 and 'restarts at step 3' in warned[0]

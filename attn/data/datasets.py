@@ -271,17 +271,11 @@ class Data:
         seed = configs.source_seed(config, 'data')
         if restart_at is not None:
             seed = int(np.random.SeedSequence([seed, restart_at]).generate_state(1)[0])
-        rows = pipeline.batch_rows(
-            config.data.tokens_per_batch,
-            config.data.max_length,
-            jax.process_count(),
-            jax.device_count(),
-        )
         return pipeline.train_batches(
             self.splits['train'],
             self.tokenizer,
             features=self.features,
-            rows=rows * config.grad_accum_steps,
+            rows=self.train_layout(config)['global_rows'],
             length=config.data.max_length,
             seed=seed,
             shard_index=jax.process_index(),
@@ -290,6 +284,18 @@ class Data:
             worker_buffer_size=config.data.worker_buffer_size,
             prefetch=config.data.prefetch,
         )
+
+    def train_layout(self, config) -> dict[str, int]:
+        """What the training iterator's saved state is laid out by: the rows of a global
+        batch (every host's, accumulated microbatches included), whatever the number of
+        processes. A state restores exactly into an iterator of the same layout."""
+        rows = pipeline.batch_rows(
+            config.data.tokens_per_batch,
+            config.data.max_length,
+            jax.process_count(),
+            jax.device_count(),
+        )
+        return {'global_rows': rows * jax.process_count() * config.grad_accum_steps}
 
     def eval_batches(self, config, split: str | None = None) -> Iterator[dict]:
         """Every example of `split` (default config.data.eval_split), one per row."""

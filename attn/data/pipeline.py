@@ -1,8 +1,12 @@
 """The Grain input pipeline: host-local numpy batches for training (packed) and evaluation.
 
-Training (§5.1: "sentence pairs were batched together by approximate sequence length"): each
-host reads its shard of the source, reshuffles it every epoch, tokenizes, drops examples longer
-than `length`, and packs several examples into each row with Grain's first-fit packer. Packed
+Training (§5.1: "sentence pairs were batched together by approximate sequence length"): the
+source is reshuffled every epoch, tokenized, examples longer than `length` dropped, and
+several examples packed into each row of a global batch with Grain's first-fit packer. Every
+host runs the same pipeline and keeps its own rows of each global batch, so the batches, and
+the iterator's state, are the same on any number of hosts: a run resumes exactly on another
+number of processes, and trains as one process would. (Each host tokenizes the whole global
+batch: `worker_count` spreads that over worker processes where it shows.) Packed
 rows carry, per side, segment ids 1, 2, ... per example (0 = padding) and positions restarting
 at 0 for each example; the model masks attention across segments and shifts targets itself.
 The iterator's state (Grain's get_state/set_state) is saved with the checkpoint, so a restored
@@ -88,6 +92,17 @@ class RenamePacked(grain.transforms.Map):
         return out
 
 
+class HostRows(grain.transforms.Map):
+    """A global batch -> the `index`-th of its `count` equal parts of rows."""
+
+    def __init__(self, index: int, count: int):
+        self._index, self._count = index, count
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = next(iter(batch.values())).shape[0] // self._count
+        return {k: v[self._index * rows : (self._index + 1) * rows] for k, v in batch.items()}
+
+
 def train_batches(
     source: Sequence[dict[str, Any]],
     tokenizer: Tokenizer,
@@ -102,9 +117,9 @@ def train_batches(
     worker_buffer_size: int = 1,
     prefetch: int = 0,
 ) -> grain.DatasetIterator:
-    """Endless iterator of packed host-local batches.
+    """Endless iterator of packed batches, this host's rows of each global batch.
 
-    Each batch is a dict of np.int32 [rows, length] arrays: inputs, targets,
+    Each batch is a dict of np.int32 [rows / shard_count, length] arrays: inputs, targets,
     inputs_segmentation, targets_segmentation, inputs_position, targets_position (for a
     language model, features=(text,), only the three targets* keys). The i-th source and the
     i-th target segment of a row are the same example; no example is split across rows.
@@ -114,9 +129,10 @@ def train_batches(
         `tfds.data_source(...)`.
       tokenizer: the shared vocabulary.
       features: (source, target) feature names for translation, (text,) for an LM.
-      rows, length: batch shape on this host.
+      rows, length: global batch shape (every host's rows together).
       seed: shuffle seed (each epoch is reshuffled).
-      shard_index, shard_count: this host's disjoint share, examples shard_index::shard_count.
+      shard_index, shard_count: this host's rows of each global batch, the shard_index-th
+        of shard_count equal parts (rows must divide evenly).
       worker_count: Grain worker processes that read and tokenize the examples (0: this
         process does). The batches are the same for every count; the saved state is not
         (a state restores only into an iterator of the same worker_count).
@@ -129,11 +145,11 @@ def train_batches(
     _check_shard(shard_index, shard_count)
     if rows < 1 or length < 1:
         raise ValueError(f'rows={rows} and length={length} must be positive.')
-    ds = grain.MapDataset.source(source)[shard_index::shard_count]
+    if rows % shard_count:
+        raise ValueError(f'rows={rows} do not split into shard_count={shard_count} equal parts.')
+    ds = grain.MapDataset.source(source)
     if len(ds) == 0:
-        raise ValueError(
-            f'Shard {shard_index}/{shard_count} of a {len(source)}-example source is empty.'
-        )
+        raise ValueError('The training source is empty.')
     ds = ds.shuffle(seed).repeat()  # shuffle before repeat: each epoch a new permutation
     tokenize, fits = Tokenize(tokenizer, features), FitsIn(length)
     if worker_count:
@@ -149,6 +165,8 @@ def train_batches(
         shuffle_bins=True,
     )
     it = it.batch(rows, drop_remainder=True).map(RenamePacked())
+    if shard_count > 1:
+        it = it.map(HostRows(shard_index, shard_count))
     if prefetch:
         it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
     return iter(it)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -80,6 +81,7 @@ class Checkpointer:
         """`create=False` opens existing checkpoints for reading: creates and removes nothing."""
         self.directory = epath.Path(directory)
         self._in_flight: tuple[int, set[str]] | None = None  # step, temporaries before it
+        self.iterator_restored = False  # by the last `restore`
         logging.get_absl_logger().addFilter(_not_missing_metrics)  # once: the same filter
         policies = ocp.checkpoint_managers
         best = policies.BestN(  # never a checkpoint saved without metrics (not evaluated)
@@ -112,12 +114,17 @@ class Checkpointer:
         saved with metrics (older runs, or no save at an evaluated step)."""
         return self.manager.best_step()
 
-    def save(self, step: int, state, data_iterator=None, config=None, metrics=None) -> None:
+    def save(
+        self, step: int, state, data_iterator=None, config=None, metrics=None, layout=None
+    ) -> None:
         """`metrics`: the validation metrics of `step` (with 'perplexity'), only if it was
-        evaluated; Orbax keeps them in the step's directory, where a resumed run reads them."""
+        evaluated; Orbax keeps them in the step's directory, where a resumed run reads them.
+        `layout`: what the iterator's state is laid out by (`Data.train_layout`)."""
         items = {'state': ocp.args.PyTreeSave(state)}
         if data_iterator is not None:
             items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+        if layout is not None:
+            items['layout'] = ocp.args.JsonSave(layout)
         if config is not None:
             items['config'] = ocp.args.JsonSave(config)
         self.wait()  # the save before, finished: a failure of it is reported as its own
@@ -127,8 +134,15 @@ class Checkpointer:
             self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
         logging.info('Saving checkpoint of step %d to %s', step, self.directory)
 
-    def restore(self, target_state: Any, data_iterator=None, step: int | None = None) -> Any:
+    def restore(
+        self, target_state: Any, data_iterator=None, step: int | None = None, layout=None
+    ) -> Any:
         """Restores the state onto `target_state`'s shapes and devices (and the iterator).
+
+        The iterator's state is restored when it was saved with `layout` (None: whatever it
+        was saved with), from any process's file: every process saves the same state, so it
+        restores on any number of processes. Saved with another layout, it is not restored
+        and `iterator_restored` is False.
 
         Without `step`: the newest checkpoint that can be read. One that cannot (a damaged
         array file, lost metadata, no iterator state) is named in a warning, moved aside to
@@ -143,7 +157,7 @@ class Checkpointer:
         for candidate in reversed(steps):
             problem = None
             try:
-                restored = self._restore(candidate, target_state, data_iterator)
+                restored = self._restore(candidate, target_state, data_iterator, layout)
             except _Unreadable as error:
                 problem = str(error)
             if distributed.agreed_max([problem is not None])[0]:  # every host or none
@@ -162,9 +176,10 @@ class Checkpointer:
             '(the unreadable step directories are left as they are).'
         )
 
-    def _restore(self, step: int, target_state: Any, data_iterator) -> Any:
-        """The items of `step` restored onto `target_state` (and the iterator); _Unreadable
-        when they cannot be read, CheckpointError when they belong to another model."""
+    def _restore(self, step: int, target_state: Any, data_iterator, layout) -> Any:
+        """The items of `step` restored onto `target_state` (and the iterator, if saved with
+        `layout`); _Unreadable when they cannot be read, CheckpointError when they belong to
+        another model."""
         try:
             metadata = self.manager.metadata(step)
             saved = metadata.item_metadata['state']
@@ -176,13 +191,41 @@ class Checkpointer:
         if saved is None:
             raise _Unreadable('its state has no metadata (state/_METADATA)')
         check_compatible(saved, target_state)
-        items = {'state': _pytree_restore(target_state)}
-        if data_iterator is not None:
-            items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+        if data_iterator is not None and not self._same_layout(step, layout):
+            data_iterator = None
         try:  # Orbax reads the arrays only now: a damaged file fails here
-            return self.manager.restore(step, args=ocp.args.Composite(**items))
+            args = ocp.args.Composite(state=_pytree_restore(target_state))
+            restored = self.manager.restore(step, args=args)
+            if data_iterator is not None:
+                self._restore_iterator(step, data_iterator)
         except Exception as error:  # noqa: BLE001 - any unreadable array or iterator state
             raise _Unreadable(short_error(error)) from error
+        self.iterator_restored = data_iterator is not None
+        return restored
+
+    def _same_layout(self, step: int, layout) -> bool:
+        """Whether the iterator state of `step` was saved with `layout` (None: any). One
+        saved before layouts were, by one process, was; by several, it was not (each process
+        then read its own shard of the examples)."""
+        if layout is None:
+            return True
+        try:
+            saved = self.manager.restore(
+                step, args=ocp.args.Composite(layout=ocp.args.JsonRestore())
+            )
+        except KeyError:  # saved before layouts were
+            return jax.process_count() == 1 and self._saved_process_count(step) in (None, 1)
+        return saved['layout'] == layout
+
+    def _restore_iterator(self, step: int, data_iterator) -> None:
+        """Sets the iterator to the state saved with `step`: this process's file, or, saved by
+        another number of processes, process 0's (every process saves the same state)."""
+        folder = self.directory / str(step) / 'data'
+        own = folder / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+        files = [own] if own.exists() else sorted(folder.glob('process_0-of-*.json'))
+        if not files:
+            raise ValueError(f'{folder} holds no iterator state for this process.')
+        data_iterator.set_state(json.loads(files[0].read_text()))
 
     def _set_aside(self, steps: list[int], restored: int) -> None:
         """Renames the unreadable step directories to `<step>.unreadable` (process 0), so
@@ -205,7 +248,7 @@ class Checkpointer:
         distributed.barrier('attn-checkpoints-set-aside')
         self.manager.reload()
 
-    def saved_process_count(self, step: int | None = None) -> int | None:
+    def _saved_process_count(self, step: int | None = None) -> int | None:
         """How many processes saved the data iterator of `step` (default: the latest): n of
         Grain's data/process_<i>-of-<n>.json files; None when there are none."""
         step = self.latest_step() if step is None else step
@@ -354,6 +397,7 @@ def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     for item, handler, args in (
         ('state', ocp.PyTreeCheckpointHandler(), (ocp.args.PyTreeSave, ocp.args.PyTreeRestore)),
         ('config', ocp.JsonCheckpointHandler(), (ocp.args.JsonSave, ocp.args.JsonRestore)),
+        ('layout', ocp.JsonCheckpointHandler(), (ocp.args.JsonSave, ocp.args.JsonRestore)),
         ('data', grain.checkpoint.CheckpointHandler(), grain_args),
     ):
         for arg in args:

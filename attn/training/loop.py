@@ -169,12 +169,12 @@ DATA_FIELDS = ('name', 'config', 'vocab_size', 'source_lang', 'target_lang')
 ITERATOR_FIELDS = ('worker_count',)
 
 
-# A resume on another number of processes: what holds and what does not, in one line.
+# A resume whose data iterator state cannot continue here: what holds, in one line.
 _NEW_DATA_ORDER = (
-    'The data iterator was saved by %d processes and this run has %d: parameters, optimizer '
-    'state, step and dropout resume exactly, but the data order restarts at step %d with a '
-    'new shuffle of every shard (examples of the interrupted epoch may repeat or be missed). '
-    'Resume with the saved number of processes to continue the data order exactly.'
+    'The data iterator was saved with another global batch layout (other rows, or several '
+    'processes before states were shared): parameters, optimizer state, step and dropout '
+    'resume exactly, but the data order restarts at step %d with a new shuffle (examples of '
+    'the interrupted epoch may repeat or be missed).'
 )
 
 
@@ -193,21 +193,17 @@ def train_and_evaluate(config, workdir: str, data: datasets.Data | None = None) 
             mesh = sharding.make_mesh()
             data = data or datasets.load(config)
             train_iter = data.train_iterator(config)
+            layout = data.train_layout(config)
             cfg = configs.model_config(config)
             steps = step_lib.setup(config, cfg, mesh)
             state = steps.state
             if ckpt.latest_step() is not None:
                 rundir.check_tokenizer(workdir, data.tokenizer)
-                saved_processes = ckpt.saved_process_count()
-                if saved_processes in (None, jax.process_count()):
-                    state = ckpt.restore(state, train_iter)
-                else:  # the iterator's state is per process: it cannot continue here
-                    state = ckpt.restore(state)
+                state = ckpt.restore(state, train_iter, layout=layout)
+                if not ckpt.iterator_restored:  # laid out by another global batch
                     train_iter.close()
                     train_iter = data.train_iterator(config, restart_at=int(state.step))
-                    logging.warning(
-                        _NEW_DATA_ORDER, saved_processes, jax.process_count(), int(state.step)
-                    )
+                    logging.warning(_NEW_DATA_ORDER, int(state.step))
             if int(state.step) == config.total_steps:
                 logging.warning(
                     'already finished at step %d; nothing to do (python -m attn.evaluate '
@@ -298,6 +294,7 @@ def _loop(config, data, train_iter, mesh, ckpt, steps: step_lib.Setup, state, re
     and saves and stops at a preemption or Ctrl-C."""
     preemption = _Preemption(ckpt)
     outcome = Outcome(step=int(state.step), validation={})
+    layout = data.train_layout(config)
     try:
         for step in range(int(state.step) + 1, config.total_steps + 1):
             batch = sharding.global_batch(mesh, next(train_iter))
@@ -313,7 +310,7 @@ def _loop(config, data, train_iter, mesh, ckpt, steps: step_lib.Setup, state, re
             if log or save:
                 reporter.flush(step, write=log)
             if stop:  # save at once and leave: a preemption grace period is short
-                ckpt.save(step, state, train_iter, config.to_dict())
+                ckpt.save(step, state, train_iter, config.to_dict(), layout=layout)
                 outcome.preempted = True
                 logging.warning('Stopped at step %d; run the same command to resume.', step)
                 break
@@ -329,7 +326,7 @@ def _loop(config, data, train_iter, mesh, ckpt, steps: step_lib.Setup, state, re
                     reporter.write_eval(step, config.data.eval_split, scores)
             if save:  # the metrics rank it for the best checkpoint kept
                 metrics = outcome.validation if evaluated else None
-                ckpt.save(step, state, train_iter, config.to_dict(), metrics)
+                ckpt.save(step, state, train_iter, config.to_dict(), metrics, layout)
     finally:  # each closed however the one before it ends
         try:
             preemption.close()
