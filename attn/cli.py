@@ -14,7 +14,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_dict, config_flags
 
-from attn import configs
+from attn import compilation, configs
 from attn.errors import ConfigError, UserError
 
 COMMANDS = {
@@ -166,11 +166,13 @@ def workdir() -> str:
 
 
 def run(main) -> None:
-    """`absl.app.run(main)`, reporting the user's errors as one line, not a traceback: bad
-    flags (a missing config file, a bad :arg, a misspelt --config.field) and the
-    ConfigErrors, UserErrors and non-finite losses that `main` raises."""
+    """`absl.app.run(main)` with the persistent compilation cache on (`attn.compilation`),
+    reporting the user's errors as one line, not a traceback: bad flags (a missing config
+    file, a bad :arg, a misspelt --config.field) and the ConfigErrors, UserErrors and
+    non-finite losses that `main` raises."""
 
     def guarded(argv):
+        compilation.use_cache()
         try:
             return main(argv)
         except (ConfigError, UserError) as error:

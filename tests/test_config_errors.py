@@ -294,3 +294,24 @@ def test_a_machine_without_apt_get_is_one_line_naming_the_packages(tmp_path):
     )
     assert result.returncode == 2
     _assert_one_line_error(result, 'apt-get is not available', 'libreoffice-help-de_*.deb')
+
+
+@pytest.mark.parametrize('setting', ['dir', 'off'])
+def test_every_command_keeps_its_compiled_programs(tmp_path, setting):
+    """cli.run turns JAX's persistent compilation cache on (ATTN_COMPILATION_CACHE), unless
+    it is off; a JAX_COMPILATION_CACHE_DIR set by the user would be kept."""
+    cache = tmp_path / 'cache'
+    program = (
+        'import sys, jax; from attn import cli; sys.argv = ["attn"]\n'
+        'cli.run(lambda argv: print(jax.jit(lambda x: x * 2)(1.0)))'
+    )
+    env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+    env |= {'ATTN_COMPILATION_CACHE': str(cache) if setting == 'dir' else 'off'}
+    env |= {'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', 'HOME': str(tmp_path)}
+    result = _command('-c', program, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = [p for p in tmp_path.rglob('*') if p.is_file()]
+    if setting == 'dir':
+        assert written and all(cache in p.parents for p in written)
+    else:
+        assert written == []

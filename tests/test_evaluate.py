@@ -43,6 +43,7 @@ def test_evaluate_scores_the_averaged_models_translations_against_the_target_sid
     assert report['perplexity'] == pytest.approx(np.exp(report['nll']))
     speed = report['decode']
     assert speed['beam_size'] == 2 and speed['alpha'] == alpha
+    assert 0 <= speed['compile_seconds'] <= report['compile_seconds'] <= report['seconds']
     # seconds is rounded to 0.01 s: the rates agree to that rounding
     rel = 0.006 / speed['seconds'] + 1e-3
     assert speed['target_tokens_per_s'] == pytest.approx(generated / speed['seconds'], rel=rel)
@@ -61,25 +62,27 @@ def test_evaluate_scores_the_averaged_models_translations_against_the_target_sid
 
 
 def test_every_example_is_translated_in_order(trained):
+    """evaluate batches the split by source length, translate its lines within windows:
+    each gives every sentence its own translation, in order, the same both ways (the lines
+    fed in another order, in batches of 5 over windows of 80)."""
     workdir, data = trained
     run = rundir.load(workdir)
     hypotheses, generated, _ = evaluation.translate_split(
-        run.model, run.config, data, 'test', beam_size=1, alpha=0.6, mesh=run.mesh
+        run.model, run.config, data, 'test', beam_size=2, alpha=0.6, mesh=run.mesh
     )
     assert len(hypotheses) == len(data.splits['test']) and generated >= len(hypotheses)
-    first = text.encode_batch([data.splits['test'][0]['en'].decode()], data.tokenizer, 64, [1])
-    alone = list(
-        text.translate_lines(
-            run,
-            data.tokenizer,
-            [data.splits['test'][0]['en'].decode()],
-            batch_size=4,
-            beam_size=1,
-            alpha=0.6,
-            max_input_tokens=64,
-        )
+    sources = [example['en'].decode() for example in data.splits['test']]
+    shuffled = np.random.default_rng(0).permutation(len(sources))
+    translations = text.translate_lines(
+        run,
+        data.tokenizer,
+        [sources[i] for i in shuffled],
+        batch_size=5,
+        beam_size=2,
+        alpha=0.6,
+        max_input_tokens=64,
     )
-    assert first.shape[0] == 1 and alone == hypotheses[:1]
+    assert list(translations) == [hypotheses[i] for i in shuffled]
 
 
 def test_translate_keeps_empty_lines_and_cuts_long_ones(trained, caplog):
@@ -95,7 +98,7 @@ def test_translate_keeps_empty_lines_and_cuts_long_ones(trained, caplog):
     # one batch of 4: the warning counts the empty lines before the long one
     assert 'Line 4 has' in caplog.text and '--max_input_tokens' in caplog.text
     assert 'Line 2 has' not in caplog.text
-    cut = text.encode_batch([lines[3]], data.tokenizer, 16, [4])
+    cut = text.pad_rows(text.encode_lines([lines[3]], data.tokenizer, 16, [4]))
     assert cut.shape == (1, 16) and cut[0, -1] == 3  # EOS kept at the cut
 
 

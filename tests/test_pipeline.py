@@ -228,6 +228,19 @@ def test_eval_covers_every_example_once_in_order(pairs, tok, features):
     assert max(b['targets'].shape[1] for b in batches) > 160  # the long pair was kept
 
 
+@pytest.mark.parametrize('features', [FEATURES, ('de',)])
+def test_eval_batches_follow_a_given_order(pairs, tok, features):
+    """By source length (`length_order`): every example once, in that order, each batch's
+    sources of like length."""
+    order = pipeline.length_order(pairs, tok, features)
+    assert sorted(order) == list(range(len(pairs)))
+    batches = list(pipeline.eval_batches(pairs, tok, features=features, rows=8, order=order))
+    indices = [int(i) for b in batches for i in b['index'] if i >= 0]
+    assert indices == order
+    lengths = [len(tok.encode(pairs[i][features[0]])) for i in order]
+    assert lengths == sorted(lengths)
+
+
 def test_eval_shards_line_up(pairs, tok):
     pairs = pairs[:17]
     shards = [

@@ -43,7 +43,7 @@ def test_the_score_of_greedy_output_is_the_sum_of_its_step_logprobs(trained):
     the greedy choice) sum to the score of that output."""
     run, data = trained
     lines = [datasets.text(x['en']) for x in data.splits['test'][:4]]
-    inputs = text.encode_batch(lines, data.tokenizer, 64, [1, 2, 3, 4])  # [4, S]
+    inputs = text.pad_rows(text.encode_lines(lines, data.tokenizer, 64, [1, 2, 3, 4]))  # [4, S]
     greedy = np.asarray(decoding.greedy_search(run.model, inputs, max_extra_length=5))  # [4, L]
     steps = np.asarray(decoding.forced_decode(run.model, inputs, shift_right(greedy)))  # [4, L, V]
     real = greedy != PAD_ID  # [4, L]

@@ -297,18 +297,24 @@ class Data:
         )
         return {'global_rows': rows * jax.process_count() * config.grad_accum_steps}
 
-    def eval_batches(self, config, split: str | None = None) -> Iterator[dict]:
-        """Every example of `split` (default config.data.eval_split), one per row."""
+    def eval_batches(
+        self, config, split: str | None = None, by_length: bool = False
+    ) -> Iterator[dict]:
+        """Every example of `split` (default config.data.eval_split), one per row; in the
+        split's order, or `by_length`, by source length (`pipeline.length_order`)."""
         rows = max(1, config.data.eval_batch_size // jax.process_count())
         local = jax.local_device_count()
         rows = -(-rows // local) * local  # a multiple of this host's devices
+        source = self.splits[split or config.data.eval_split]
+        order = pipeline.length_order(source, self.tokenizer, self.features) if by_length else None
         batches = pipeline.eval_batches(
-            self.splits[split or config.data.eval_split],
+            source,
             self.tokenizer,
             features=self.features,
             rows=rows,
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
+            order=order,
         )
         for batch in batches:  # hosts pad each side to the widest host's width
             widths = distributed.agreed_max(pipeline.widths(batch, self.features))

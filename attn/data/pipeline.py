@@ -230,13 +230,15 @@ def eval_batches(
     rows: int,
     shard_index: int = 0,
     shard_count: int = 1,
+    order: Sequence[int] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Every example of `source` exactly once, in order, none dropped for length.
+    """Every example of `source` exactly once, in order (or in `order`, a permutation of
+    the example indices), none dropped for length.
 
-    Global batch b holds examples [b * G, (b + 1) * G), G = rows * shard_count; this host
-    takes rows [shard_index * rows, (shard_index + 1) * rows) of it. So the global batches,
-    and every result over them, are the same whatever the number of hosts, and joining the
-    hosts' rows in process order gives back the split's order.
+    Global batch b holds examples [b * G, (b + 1) * G) of that order, G = rows *
+    shard_count; this host takes rows [shard_index * rows, (shard_index + 1) * rows) of it.
+    So the global batches, and every result over them, are the same whatever the number of
+    hosts, and joining the hosts' rows in process order gives back that order.
 
     Batches hold one example per row: 'inputs'?, 'targets' [rows, W] right-padded with
     PAD_ID, W this host's longest of the batch rounded up to a multiple of 8 (per side; hosts
@@ -249,7 +251,10 @@ def eval_batches(
     if rows < 1:
         raise ValueError(f'rows={rows} must be positive.')
     num_batches = max(1, math.ceil(len(source) / (rows * shard_count)))
-    batch = _EvalBatch(source, Tokenize(tokenizer, features), keys, rows, shard_index, shard_count)
+    order = range(len(source)) if order is None else order
+    batch = _EvalBatch(
+        source, order, Tokenize(tokenizer, features), keys, rows, shard_index, shard_count
+    )
     ds = grain.MapDataset.range(num_batches).map(batch)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS)))
 
@@ -257,13 +262,13 @@ def eval_batches(
 class _EvalBatch(grain.transforms.Map):
     """Global batch number -> this host's rows of it, each side padded to a multiple of 8."""
 
-    def __init__(self, source, tokenize: Tokenize, keys, rows: int, shard: int, shards: int):
-        self._source, self._tokenize, self._keys = source, tokenize, keys
+    def __init__(self, source, order, tokenize: Tokenize, keys, rows, shard: int, shards: int):
+        self._source, self._order, self._tokenize, self._keys = source, order, tokenize, keys
         self._rows, self._shard, self._shards = rows, shard, shards
 
     def map(self, number: int) -> dict[str, np.ndarray]:
         first = (number * self._shards + self._shard) * self._rows
-        indices = range(first, min(first + self._rows, len(self._source)))
+        indices = self._order[first : first + self._rows]
         examples = [self._tokenize.map(self._source[i]) for i in indices]
         batch = {'index': np.full((self._rows,), -1, np.int32)}
         batch['index'][: len(examples)] = indices
@@ -275,6 +280,14 @@ class _EvalBatch(grain.transforms.Map):
                 tokens[row, : len(ex[key])] = ex[key]
             batch.update(_unpacked(key, tokens))
         return batch
+
+
+def length_order(source, tokenizer: Tokenizer, features: tuple[str, ...]) -> list[int]:
+    """The example indices of `source` by the token length of their first feature (the
+    source side; the text of a language model), ties in the split's order: batches of like
+    length stop their search together and pad little."""
+    lengths = [len(tokenizer.encode(source[i][features[0]])) for i in range(len(source))]
+    return sorted(range(len(source)), key=lengths.__getitem__)
 
 
 def widths(batch: dict[str, np.ndarray], features: tuple[str, ...]) -> list[int]:

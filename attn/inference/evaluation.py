@@ -13,7 +13,7 @@ import jax
 from absl import logging
 from flax import nnx
 
-from attn import decoding, rundir
+from attn import compilation, decoding, rundir
 from attn.data import datasets
 from attn.errors import UserError
 from attn.inference import batching, bleu, text
@@ -50,11 +50,13 @@ def translate_split(
     K best hypotheses (`translate.nbest_list`; else []). The translations are the 1-best.
 
     Data-parallel over `mesh`: each process decodes its rows of each batch over the
-    devices, then every process gathers all rows, so each holds the whole split."""
+    devices, then every process gathers all rows, so each holds the whole split. Batches
+    are of like source length (`pipeline.length_order`): a batch's search runs until its
+    longest translation ends."""
     translations: dict[int, str] = {}
     lists: dict[int, list[dict]] = {}
     generated = 0
-    for batch in data.eval_batches(config, split):
+    for batch in data.eval_batches(config, split, by_length=True):
         found = batching.translate(
             model,
             batch['inputs'],
@@ -117,7 +119,7 @@ def evaluate(
 
     `data` defaults to the run's dataset (`datasets.load` of its saved config).
     """
-    start = time.perf_counter()
+    start, compiled_before = time.perf_counter(), compilation.seconds()
     run = rundir.load(workdir, step=step, average_last=average_last)
     config = run.config
     beam_size = beam_size or config.decode.beam_size
@@ -135,7 +137,7 @@ def evaluate(
     lists = []
     if config.model_kind == 'transformer':
         alpha = config.decode.alpha if alpha is None else alpha
-        decode_start = time.perf_counter()
+        decode_start, compile_start = time.perf_counter(), compilation.seconds()
         hypotheses, generated, lists = translate_split(
             run.model,
             config,
@@ -153,6 +155,7 @@ def evaluate(
             'alpha': alpha,
             'max_extra_length': config.decode.max_extra_length,
             'seconds': round(seconds, 2),
+            'compile_seconds': round(compilation.seconds() - compile_start, 2),
             'target_tokens_per_s': round(generated / seconds, 1),
             'sentences_per_s': round(len(hypotheses) / seconds, 2),
         }
@@ -161,6 +164,7 @@ def evaluate(
         pairs = zip(hypotheses[:5], refs[:5], strict=True)
         report['samples'] = [{'reference': r, 'translation': h} for h, r in pairs]
     report['seconds'] = round(time.perf_counter() - start, 2)
+    report['compile_seconds'] = round(compilation.seconds() - compiled_before, 2)
     search = (beam_size, alpha) if config.model_kind == 'transformer' else None
     name = rundir.report_name(split, run.steps, search)
     if nbest:

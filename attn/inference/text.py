@@ -28,11 +28,11 @@ def read_lines(stream: Iterable[bytes]) -> Iterator[str]:
             ) from None
 
 
-def encode_batch(
+def encode_lines(
     lines: list[str], tokenizer: tokenizer_lib.Tokenizer, max_tokens: int, numbers: list[int]
-) -> np.ndarray:
-    """[B, S] ids ending in EOS, right-padded; over-long lines cut with a warning naming
-    their input line number (`numbers`, one per line)."""
+) -> list[list[int]]:
+    """Each line's ids ending in EOS; over-long lines cut with a warning naming their input
+    line number (`numbers`, one per line)."""
     rows = []
     for number, line in zip(numbers, lines, strict=True):
         ids = tokenizer.encode(line)
@@ -45,8 +45,18 @@ def encode_batch(
             )
             ids = ids[: max_tokens - 1] + [EOS_ID]
         rows.append(ids)
+    return rows
+
+
+def pad_rows(rows: list[list[int]]) -> np.ndarray:
+    """[B, S] of the rows, right-padded with PAD_ID to the longest."""
     width = max(len(ids) for ids in rows)
     return np.array([ids + [PAD_ID] * (width - len(ids)) for ids in rows], np.int32)
+
+
+# Batches of lines read together and sorted by length, so that the rows of a batch end
+# their search together; the translations come out in input order, a window at a time.
+SORT_WINDOW = 16
 
 
 def translate_lines(
@@ -62,22 +72,58 @@ def translate_lines(
 ) -> Iterator[str]:
     """Translations in input order; empty lines stay empty. With `nbest` K, one JSON
     object per line instead: {"source", "nbest": [K x {"translation", "score",
-    "logprob"}]} (an empty line lists none)."""
+    "logprob"}]} (an empty line lists none).
+
+    Lines are read SORT_WINDOW batches at a time and batched by source length within
+    them, as CTranslate2 does: a batch's search runs until its longest translation ends,
+    so rows of like length waste little, and like widths compile few programs."""
     settings = {
         'beam_size': beam_size,
         'alpha': alpha,
         'max_input_tokens': max_input_tokens,
         'nbest': nbest,
     }
-    batch: list[str] = []
+    window: list[str] = []
     first = 1
     for number, line in enumerate(lines, start=1):
-        batch.append(line)
-        if len(batch) == batch_size:
-            yield from _translate_batch(run, tokenizer, batch, first, **settings)
-            batch, first = [], number + 1
-    if batch:
-        yield from _translate_batch(run, tokenizer, batch, first, **settings)
+        window.append(line)
+        if len(window) == batch_size * SORT_WINDOW:
+            yield from _translate_window(run, tokenizer, window, first, batch_size, settings)
+            window, first = [], number + 1
+    if window:
+        yield from _translate_window(run, tokenizer, window, first, batch_size, settings)
+
+
+def _translate_window(run, tokenizer, lines, first_line, batch_size, settings) -> list[str]:
+    """The window's translations in its order, its lines batched by encoded length."""
+    nbest = settings['nbest']
+    out = [''] * len(lines) if not nbest else [_nbest_line(line, []) for line in lines]
+    todo = [i for i, line in enumerate(lines) if line.strip()]
+    ids = encode_lines(
+        [lines[i] for i in todo],
+        tokenizer,
+        settings['max_input_tokens'],
+        [first_line + i for i in todo],
+    )
+    order = sorted(range(len(todo)), key=lambda k: len(ids[k]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        found = batching.translate(
+            run.model,
+            pad_rows([ids[k] for k in batch]),
+            beam_size=settings['beam_size'],
+            alpha=settings['alpha'],
+            max_extra_length=run.config.decode.max_extra_length,
+            mesh=run.mesh,
+            nbest=nbest,
+        )
+        for row, k in enumerate(batch):
+            i = todo[k]
+            if nbest:
+                out[i] = _nbest_line(lines[i], nbest_list(tokenizer, found, row))
+            else:
+                out[i] = tokenizer.decode(found[row])
+    return out
 
 
 def nbest_list(tokenizer, hypotheses: decoding.Hypotheses, row: int) -> list[dict]:
@@ -88,31 +134,6 @@ def nbest_list(tokenizer, hypotheses: decoding.Hypotheses, row: int) -> list[dic
         for tokens, score, lp in zip(*(x[row] for x in hypotheses), strict=True)
         if np.isfinite(score)
     ]
-
-
-def _translate_batch(
-    run, tokenizer, lines, first_line, *, beam_size, alpha, max_input_tokens, nbest
-):
-    todo = [i for i, line in enumerate(lines) if line.strip()]
-    out = [''] * len(lines) if not nbest else [_nbest_line(line, []) for line in lines]
-    if todo:
-        numbers = [first_line + i for i in todo]  # input line numbers, empty lines counted
-        inputs = encode_batch([lines[i] for i in todo], tokenizer, max_input_tokens, numbers)
-        found = batching.translate(
-            run.model,
-            inputs,
-            beam_size=beam_size,
-            alpha=alpha,
-            max_extra_length=run.config.decode.max_extra_length,
-            mesh=run.mesh,
-            nbest=nbest,
-        )
-        for row, i in enumerate(todo):
-            if nbest:
-                out[i] = _nbest_line(lines[i], nbest_list(tokenizer, found, row))
-            else:
-                out[i] = tokenizer.decode(found[row])
-    return out
 
 
 def _nbest_line(source: str, hypotheses: list[dict]) -> str:
