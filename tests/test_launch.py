@@ -125,7 +125,9 @@ def test_sweep_slurm_job_trains_then_evaluates(tmp_path, finishes):
         assert 'Training stopped before step 600' in result.stderr
 
 
-def test_slurm_job_without_eval_split_only_trains(tmp_path):
+def _slurm_job(tmp_path, **settings) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """launch/slurm.sbatch run here with the fake SLURM commands, CONFIG=configs/l10n.py,
+    FINAL_STEP=700 and `settings` in its environment: its result and the commands it ran."""
     _fake_slurm(tmp_path / 'bin')
     log = tmp_path / 'log'
     env = dict(
@@ -134,12 +136,21 @@ def test_slurm_job_without_eval_split_only_trains(tmp_path):
         LOG=str(log),
         CONFIG='configs/l10n.py',
         WORKDIR=str(tmp_path / 'run'),
-        FAKE_TRAINING_FINISHES='1',
         FINAL_STEP='700',
+        **settings,
     )
-    env.pop('EVAL_SPLIT', None)
-    subprocess.run(['bash', str(ROOT / 'launch' / 'slurm.sbatch')], env=env, check=True)
-    assert log.read_text().splitlines() == [
+    if 'EVAL_SPLIT' not in settings:
+        env.pop('EVAL_SPLIT', None)
+    result = subprocess.run(
+        ['bash', str(ROOT / 'launch' / 'slurm.sbatch')], env=env, capture_output=True, text=True
+    )
+    return result, log.read_text().splitlines()
+
+
+def test_slurm_job_without_eval_split_only_trains(tmp_path):
+    result, commands = _slurm_job(tmp_path, FAKE_TRAINING_FINISHES='1')
+    assert result.returncode == 0, result.stderr
+    assert commands == [
         f'srun python -m attn.train --config=configs/l10n.py --workdir={tmp_path / "run"}'
     ]
 
@@ -147,24 +158,11 @@ def test_slurm_job_without_eval_split_only_trains(tmp_path):
 def test_slurm_job_stopped_early_is_requeued(tmp_path):
     """attn.train exits 75 (errors.PREEMPTED) after saving at the time limit's SIGTERM:
     the job requeues itself, and does not evaluate."""
-    _fake_slurm(tmp_path / 'bin')
-    log = tmp_path / 'log'
-    env = dict(
-        os.environ,
-        PATH=f'{tmp_path / "bin"}:{os.environ["PATH"]}',
-        LOG=str(log),
-        CONFIG='configs/l10n.py',
-        WORKDIR=str(tmp_path / 'run'),
-        FAKE_PREEMPTED='1',
-        SLURM_JOB_ID='1234',
-        EVAL_SPLIT='validation',
-        FINAL_STEP='700',
-    )
-    result = subprocess.run(
-        ['bash', str(ROOT / 'launch' / 'slurm.sbatch')], env=env, capture_output=True, text=True
+    result, commands = _slurm_job(
+        tmp_path, FAKE_PREEMPTED='1', SLURM_JOB_ID='1234', EVAL_SPLIT='validation'
     )
     assert result.returncode == 0, result.stderr
-    assert log.read_text().splitlines() == [
+    assert commands == [
         f'srun python -m attn.train --config=configs/l10n.py --workdir={tmp_path / "run"}',
         'scontrol requeue 1234',
     ]

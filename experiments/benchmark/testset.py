@@ -52,6 +52,11 @@ _TOOLS = flags.DEFINE_list('tools', list(TOOLS), f'Tools to time, of {list(TOOLS
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved rounds; the median is reported.')
 _THREADS = flags.DEFINE_integer('threads', 2, 'Threads of every tool.')
 _OUT = flags.DEFINE_string('out', None, 'Also write the raw timings and the table as JSON.')
+_BASELINE = flags.DEFINE_string(
+    'baseline',
+    None,
+    'Also time `python -m attn.translate` of this checkout (e.g. an older commit).',
+)
 _ROLE = flags.DEFINE_string('role', None, 'Internal: run one tool on stdin and report.')
 _EXPORT = flags.DEFINE_string('export', None, 'Internal: the exported run.')
 
@@ -167,14 +172,14 @@ def _prepare(workdir: str, directory: str) -> tuple[str, list[str], list[str]]:
     )
 
 
-def _timed(command: list[str], lines: list[str], env: dict) -> dict:
+def _timed(command: list[str], lines: list[str], env: dict, cwd=ROOT) -> dict:
     start = time.perf_counter()
     done = subprocess.run(
         command,
         input=''.join(line + '\n' for line in lines),
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         check=False,
     )
@@ -203,6 +208,10 @@ def _round(tools, workdir, export, lines, threads, env) -> dict:
                 times['attn_cold'] = _timed(translate, lines, cached)
                 times['attn_warm'] = _timed(translate, lines, cached)
                 times['attn'] = _timed([*here, '--role=attn', *common], lines, cached)
+            if _BASELINE.value:  # its own cache, if it has one: cold
+                with tempfile.TemporaryDirectory() as cache:
+                    cached = env | {'ATTN_COMPILATION_CACHE': cache}
+                    times['baseline'] = _timed(translate, lines, cached, cwd=_BASELINE.value)
         else:
             times[tool] = _timed([*here, f'--role={tool}', *common], lines, env)
     return times
@@ -224,6 +233,14 @@ def _table(rounds: list[dict], refs: list[str]) -> list[str]:
         if tool in ('attn_cold', 'attn_warm'):
             continue
         out = rounds[0][tool]['out']
+        bleu = sacrebleu.corpus_bleu(out, [refs]).score
+        same = sum(a == b for a, b in zip(out, reference, strict=True)) / len(out)
+        if tool == 'baseline':  # the whole process only
+            whole = statistics.median(r[tool]['whole'] for r in rounds)
+            lines.append(
+                f'| attn at --baseline | {whole:.1f} | — | — | — | {bleu:.2f} | {same:.3f} |'
+            )
+            continue
         tokens = sum(len(tokenizer.encode(line)) for line in out)  # pieces + EOS
         decode = statistics.median(r[tool]['decode']['seconds'] for r in rounds)
         if tool == 'attn':
@@ -231,8 +248,6 @@ def _table(rounds: list[dict], refs: list[str]) -> list[str]:
             warm = statistics.median(r['attn_warm']['whole'] for r in rounds)
         else:
             cold = warm = statistics.median(r[tool]['whole'] for r in rounds)
-        bleu = sacrebleu.corpus_bleu(out, [refs]).score
-        same = sum(a == b for a, b in zip(out, reference, strict=True)) / len(out)
         lines.append(
             f'| {NAMES[tool]} | {cold:.1f} | {warm:.1f} | {decode:.1f} | {tokens / decode:,.0f} '
             f'| {bleu:.2f} | {same:.3f} |'
