@@ -123,9 +123,9 @@ def test_blocked_candidates_equal_top_k_over_beam_x_vocabulary(V, K):
 )
 def test_beam_search_equals_the_reference_search(V, K, alpha, min_length):
     """Slots, blocked top-k, phases (L = 8 + 18 = 26: 3 phases) and the early stop give the
-    plain search's hypotheses, with the paper's length penalty and without it, free and
-    with forced lengths: the same tokens; scores and log-probs summed over up to 26 steps
-    in another order, within 1e-4."""
+    plain search's hypotheses (and its best, when only that is asked for), with the paper's
+    length penalty and without it, free and with forced lengths: the same tokens; scores
+    and log-probs summed over up to 26 steps in another order, within 1e-4."""
     model = test_decode.tiny(vocab_size=V, seed=V + K)
     inputs = np.array([[5, 6, 7, 8, 9, 10, 11, 3], [8, 3, 0, 0, 0, 0, 0, 0]], np.int32)
     settings = dict(beam_size=K, alpha=alpha, max_extra_length=18, min_length=min_length)
@@ -134,6 +134,10 @@ def test_beam_search_equals_the_reference_search(V, K, alpha, min_length):
     np.testing.assert_array_equal(np.asarray(got.tokens), want.tokens)
     np.testing.assert_allclose(np.asarray(got.scores), want.scores, atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(got.logprobs), want.logprobs, atol=1e-4, rtol=0)
+    # The best alone stops sooner (once it is final) and is the same.
+    tokens, scores = decoding.beam_search(model, inputs, **settings)
+    np.testing.assert_array_equal(np.asarray(tokens), want.tokens[:, 0])
+    np.testing.assert_allclose(np.asarray(scores), want.scores[:, 0], atol=1e-4, rtol=0)
     assert beam.phases(26) == [9, 18, 26]
     assert (test_decode.lengths(want.tokens) >= min_length).all()
 

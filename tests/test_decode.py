@@ -143,10 +143,11 @@ def test_filter_logits_matches_sorting(top_k, top_p):
 
 
 def test_early_stop_criterion_by_hand():
-    """Done once the worst of the K finished beats the best live hypothesis' best case:
-    its log-prob over the largest length penalty it can still get (at the limit)."""
+    """Done once the worst of the K finished (or, when only the best is returned, the best)
+    beats the best live hypothesis' best case: its log-prob over the largest length penalty
+    it can still get (at the limit)."""
 
-    def done(live, finished, t=2, limit=10):
+    def done(live, finished, t=2, limit=10, needed=None):
         beams = beam.Beams(
             t=jnp.array(t),
             live_seqs=None,
@@ -158,13 +159,16 @@ def test_early_stop_criterion_by_hand():
             finished_scores=jnp.array([finished]),
             finished_logprobs=None,
         )
-        return bool(beam.beams_done(beams, jnp.array([limit]), 0.6)[0])
+        return bool(beam.beams_done(beams, jnp.array([limit]), 0.6, needed)[0])
 
     bound = -3.0 / lp(10)  # -1.73: lp(10) > lp(3), longer outputs are penalized less
     assert not done([-3.0, -5.0], [-1.0, bound - 0.01])
     assert done([-3.0, -5.0], [-1.0, bound + 0.01])
     assert not done([-3.0, -5.0], [-1.0, -np.inf])  # fewer than K finished: go on
     assert done([-np.inf, -np.inf], [-1.0, -np.inf])  # nothing live (past the limit)
+    # Only the best is returned: it is final once no live hypothesis can beat it.
+    assert done([-3.0, -5.0], [-1.0, -np.inf], needed=1)
+    assert not done([-3.0, -5.0], [bound - 0.01, -np.inf], needed=1)
 
 
 # ---------------------------------------------------------------- cached == uncached

@@ -50,21 +50,25 @@ class Hypotheses(NamedTuple):
     logprobs: jax.Array  # [B, K] log P(Y|X)
 
 
-def beams_done(beams: Beams, limits: jax.Array, alpha) -> jax.Array:
-    """Early stop per sentence: no live hypothesis can still enter the finished top K. [B].
+def beams_done(beams: Beams, limits: jax.Array, alpha, needed: int | None = None) -> jax.Array:
+    """Early stop per sentence: no live hypothesis can still enter the `needed` best
+    finished ones (default: all K). [B].
 
     A live hypothesis' log-prob only falls as it grows, and it can finish with any length
     in [t + 1, limit]; divided by the largest lp over that range (lp is monotonic in the
-    length) it bounds every score it can reach. A sentence is done once its worst finished
-    score (-inf while fewer than K have finished) is at least that bound for its best live
-    hypothesis (-inf once none is left, e.g. past the length limit).
+    length) it bounds every score it can reach. A sentence is done once its `needed`-th best
+    finished score (-inf while fewer have finished) is at least that bound for its best live
+    hypothesis (-inf once none is left, e.g. past the length limit). needed=1, when only the
+    best translation is returned: it is final once no live hypothesis can beat it, so the
+    search returns the same translation and stops sooner than waiting for K.
     """
-    worst_finished = beams.finished_scores.min(axis=1)  # [B]
+    needed = beams.finished_scores.shape[1] if needed is None else needed
+    kept = beams.finished_scores[:, needed - 1]  # [B]; the finished are kept best first
     best_live = beams.live_logprobs.max(axis=1)  # [B]
     largest_lp = jnp.maximum(
         common.length_penalty(beams.t + 1, alpha), common.length_penalty(limits, alpha)
     )
-    return worst_finished >= best_live / largest_lp
+    return kept >= best_live / largest_lp
 
 
 # Vocabulary entries per block of `candidates`' search.
@@ -191,8 +195,12 @@ def phases(length: int) -> list[int]:
     return [-(-length * (i + 1) // n) for i in range(n)]
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=('beam_size', 'max_extra_length'))
-def _beam_search(graphdef, state, inputs, alpha, min_length, *, beam_size, max_extra_length):
+@functools.partial(
+    jax.jit, static_argnums=0, static_argnames=('beam_size', 'max_extra_length', 'needed')
+)
+def _beam_search(
+    graphdef, state, inputs, alpha, min_length, *, beam_size, max_extra_length, needed
+):
     B, S = inputs.shape
     K, L = beam_size, S + max_extra_length
     lengths = phases(L)
@@ -214,7 +222,7 @@ def _beam_search(graphdef, state, inputs, alpha, min_length, *, beam_size, max_e
     for length in lengths:  # each phase's loop runs while t < its cache length
         grown = [c.grow(length * K) for c in beams.cache]
         beams = jax.lax.while_loop(
-            lambda b, length=length: (b.t < length) & ~beams_done(b, limits, alpha).all(),
+            lambda b, length=length: (b.t < length) & ~beams_done(b, limits, alpha, needed).all(),
             lambda b: _beam_step(b, step, limits, alpha, min_length),
             beams._replace(cache=grown),
         )
@@ -238,7 +246,8 @@ def beam_search(
     length including EOS. Hypotheses that end (EOS, or the sentence's length limit) move
     to a separate finished set of K and are never extended. The search stops when, for
     every sentence, no live hypothesis can still reach the score of the worst of the K
-    finished ones (`beams_done`), or at S + max_extra_length steps.
+    finished ones (with return_all; else of the best one, which is then final:
+    `beams_done`), or at S + max_extra_length steps.
 
     Args:
       model: a Transformer.
@@ -262,6 +271,7 @@ def beam_search(
         jnp.asarray(min_length, jnp.int32),
         beam_size=beam_size,
         max_extra_length=max_extra_length,
+        needed=beam_size if return_all else 1,
     )
     if return_all:
         return hypotheses
