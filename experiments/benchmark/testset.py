@@ -164,7 +164,7 @@ def _prepare(workdir: str, directory: str) -> tuple[str, list[str], list[str]]:
     config = configs.upgrade(rundir.saved_config(workdir))
     data = datasets.load(config, ['test'])
     source, target = data.features
-    test = data.splits['test']
+    test = [data.splits['test'][i] for i in range(len(data.splits['test']))]
     return (
         export,
         [datasets.text(x[source]) for x in test],
