@@ -447,7 +447,7 @@ def load_params(
     `average_last` kept checkpoints up to it."""
 
     def read(ckpt, steps):
-        config = configs.upgrade(_read_step(steps[-1], lambda: ckpt.restore_config(steps[-1])))
+        config = _config_at(ckpt, steps)
 
         def shardings(tree):
             return sharding.state_shardings(tree, mesh, config.sharding)
@@ -465,10 +465,14 @@ def checkpoint_config(
 ) -> tuple[config_dict.ConfigDict, list[int]]:
     """(config, steps) that `load_params` would read, without reading any parameters."""
 
-    def read(ckpt, steps):
-        return configs.upgrade(_read_step(steps[-1], lambda: ckpt.restore_config(steps[-1]))), steps
+    return _newest_readable(
+        workdir, step, average_last, lambda ckpt, steps: (_config_at(ckpt, steps), steps)
+    )
 
-    return _newest_readable(workdir, step, average_last, read)
+
+def _config_at(ckpt: checkpoint.Checkpointer, steps: list[int]) -> config_dict.ConfigDict:
+    """The config saved with the last of `steps`, through `configs.upgrade`."""
+    return configs.upgrade(_read_step(steps[-1], lambda: ckpt.restore_config(steps[-1])))
 
 
 class _Damaged(Exception):

@@ -265,9 +265,10 @@ class Data:
     splits: dict[str, Any]
 
     def train_iterator(self, config, restart_at: int | None = None):
-        """Packed, shuffled, host-sharded training batches (checkpointable). `restart_at`: a
-        step at which the data order starts afresh (a resume on another number of
-        processes): a new shuffle of every shard, seeded by the data seed and that step."""
+        """Packed, shuffled training batches, this host's rows of each global batch
+        (checkpointable). `restart_at`: a step at which the data order starts afresh (a
+        resume whose saved iterator state does not fit): a new shuffle, seeded by the data
+        seed and that step."""
         seed = configs.source_seed(config, 'data')
         if restart_at is not None:
             seed = int(np.random.SeedSequence([seed, restart_at]).generate_state(1)[0])

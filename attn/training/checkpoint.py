@@ -226,6 +226,7 @@ class Checkpointer:
         if not files:
             raise ValueError(f'{folder} holds no iterator state for this process.')
         data_iterator.set_state(json.loads(files[0].read_text()))
+        data_iterator.start_prefetch()  # as Grain's own checkpoint handler does
 
     def _set_aside(self, steps: list[int], restored: int) -> None:
         """Renames the unreadable step directories to `<step>.unreadable` (process 0), so
@@ -248,12 +249,9 @@ class Checkpointer:
         distributed.barrier('attn-checkpoints-set-aside')
         self.manager.reload()
 
-    def _saved_process_count(self, step: int | None = None) -> int | None:
-        """How many processes saved the data iterator of `step` (default: the latest): n of
-        Grain's data/process_<i>-of-<n>.json files; None when there are none."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            return None
+    def _saved_process_count(self, step: int) -> int | None:
+        """How many processes saved the data iterator of `step`: n of Grain's
+        data/process_<i>-of-<n>.json files; None when there are none."""
         names = (self.directory / str(step) / 'data').glob('process_*-of-*.json')
         counts = {int(match[1]) for p in names if (match := _PROCESS_FILE.fullmatch(p.name))}
         return counts.pop() if len(counts) == 1 else None
