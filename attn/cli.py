@@ -21,6 +21,7 @@ COMMANDS = {
     'prepare': "build a config's dataset and tokenizer ahead of a launch",
     'train': 'train a config in a workdir (resumes from its latest checkpoint)',
     'evaluate': 'BLEU and perplexity of a checkpoint on a whole split',
+    'compare': 'runs against the first on one test set, with paired significance tests',
     'translate': 'translate stdin line by line (or continue prompts with a language model)',
     'score': 'log-probabilities of given translations (or text) under a checkpoint',
     'analyze': 'attention maps, head statistics, head importance and pruning of a checkpoint',
@@ -108,15 +109,19 @@ def define_checkpoint_flags() -> None:
     at_least('average_last', 1, 'give 1 or more checkpoints to average (1 = no averaging).')
 
 
-def define_search_flags(batch_size: int | None = None) -> None:
-    """--beam_size, --alpha and --nbest: the beam search of attn.translate and attn.evaluate;
-    with `batch_size`, --batch_size too (its default)."""
+def define_search_flags(batch_size: int | None = None, nbest: bool = True) -> None:
+    """--beam_size, --alpha and (unless not `nbest`) --nbest: the beam search of
+    attn.translate, attn.evaluate and attn.compare; with `batch_size`, --batch_size too (its
+    default)."""
     flags.DEFINE_integer('beam_size', None, "Beam size (default: the config's); 1 = greedy.")
     at_least('beam_size', 1, "give 1 or more (1 = greedy); leave it out for the config's.")
     flags.DEFINE_float('alpha', None, "Length penalty exponent (default: the config's).")
     at_least('alpha', 0, 'give 0 (no length penalty) or more; the paper uses 0.6.')
-    flags.DEFINE_integer('nbest', 0, 'Also write the K best beam hypotheses (K <= --beam_size).')
-    at_least('nbest', 0, 'give 0 (no lists) or a number of hypotheses up to --beam_size.')
+    if nbest:
+        flags.DEFINE_integer(
+            'nbest', 0, 'Also write the K best beam hypotheses (K <= --beam_size).'
+        )
+        at_least('nbest', 0, 'give 0 (no lists) or a number of hypotheses up to --beam_size.')
     if batch_size is not None:
         flags.DEFINE_integer('batch_size', batch_size, 'Lines translated together.')
         at_least('batch_size', 1, 'give 1 or more lines per batch.')

@@ -8,7 +8,8 @@ example of the split (none dropped for length) and reports sacreBLEU (detokenize
 signature), the paper's tokenized BLEU with compound splitting, teacher-forced perplexity,
 the decode settings, the checkpoint steps used, wall time and target tokens/s. Process 0
 writes W/eval/<split>-<step>[-avgK]-beamB-alphaA.json (named by what produced it,
-`rundir.report_name`) and prints the same JSON.
+`rundir.report_name`) and the translations beside it (.txt, one per line: what attn.compare
+tests), and prints the same JSON.
 """
 
 from __future__ import annotations

@@ -171,6 +171,8 @@ def evaluate(
         report['nbest'] = {'k': nbest, 'file': os.path.join(rundir.EVAL_DIR, f'{name}.nbest.jsonl')}
     if distributed.is_main():
         write_report(workdir, report, name)
+        if config.model_kind == 'transformer':
+            write_translations(workdir, hypotheses, name)
         if nbest:
             write_nbest(workdir, data.splits[split], data.features[0], lists, name)
     return report
@@ -187,6 +189,25 @@ def write_nbest(workdir: str, examples, source_feature: str, lists, name: str) -
         for i, hypotheses in enumerate(lists)
     )
     return _write_eval_file(workdir, f'{name}.nbest.jsonl', ''.join(lines), 'the n-best lists')
+
+
+def write_translations(workdir: str, hypotheses: list[str], name: str) -> str | None:
+    """W/eval/<name>.txt: the 1-best translation of every example, one per line, in order
+    (what `attn.compare` tests against another run's)."""
+    content = ''.join(line + '\n' for line in hypotheses)
+    return _write_eval_file(workdir, f'{name}.txt', content, 'the translations')
+
+
+def read_translations(workdir: str, name: str, examples: int) -> list[str] | None:
+    """The translations `write_translations` wrote for `name`, or None when there are none
+    (or not one per example: another split's, or cut short)."""
+    path = os.path.join(workdir, rundir.EVAL_DIR, f'{name}.txt')
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = f.read().split('\n')
+    except OSError:
+        return None
+    return lines[:-1] if len(lines) == examples + 1 and lines[-1] == '' else None
 
 
 def write_report(workdir: str, report: dict, name: str) -> str | None:
