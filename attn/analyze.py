@@ -21,6 +21,14 @@ sentences as heads are masked, least important first); bertviz.json (per layer a
 
 With --prompt it shows attention while generating instead (attn/analysis/generation.py): a
 language model continues the prompt, a translation model translates it (from W alone too).
+
+    python -m attn.analyze --workdir=runs/l10n --out=runs/l10n/heads --over_training
+
+With --over_training it follows the heads through training instead
+(attn/analysis/training.py): every kept checkpoint (train with --config.keep_checkpoints=None
+to keep them all) on the same sentences; head importance, attention entropy and peak weight
+per layer and head, as curves over steps: heads_over_training-<kind>.png per attention kind
+and heads_over_training.json.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import json
 from absl import app, flags
 
 from attn import cli, rundir
-from attn.analysis import generation, report
+from attn.analysis import generation, report, training
 from attn.data import datasets
 from attn.errors import UserError
 
@@ -40,6 +48,24 @@ def main(argv):
     FLAGS = flags.FLAGS
     if FLAGS.workdir is None or FLAGS.out is None:
         raise app.UsageError('--workdir and --out are required.')
+    if FLAGS.over_training:
+        if FLAGS.prompt is not None or FLAGS.step is not None or FLAGS.average_last != 1:
+            raise UserError(
+                '--over_training reads every kept checkpoint on the sentences of --split, '
+                '--source or --target: drop --prompt, --step and --average_last.'
+            )
+        summary = _with_data_hint(
+            lambda: training.over_training(
+                FLAGS.workdir,
+                FLAGS.out,
+                sentences=FLAGS.sentences,
+                split=FLAGS.split,
+                source=FLAGS.source,
+                target=FLAGS.target,
+            )
+        )
+        print(json.dumps(summary))  # noqa: T201 - the command's report
+        return
     if FLAGS.prompt is not None:
         run = rundir.load(FLAGS.workdir, step=FLAGS.step, average_last=FLAGS.average_last)
         tokenizer = rundir.tokenizer(FLAGS.workdir, run.config)
@@ -48,8 +74,8 @@ def main(argv):
         )
         print(json.dumps(generation.write(view, tokenizer, FLAGS.out), ensure_ascii=False))  # noqa: T201
         return
-    try:
-        summary = report.analyze(
+    summary = _with_data_hint(
+        lambda: report.analyze(
             FLAGS.workdir,
             FLAGS.out,
             sentences=FLAGS.sentences,
@@ -60,14 +86,21 @@ def main(argv):
             source=FLAGS.source,
             target=FLAGS.target,
         )
+    )
+    print(json.dumps(summary))  # noqa: T201 - the command's report
+
+
+def _with_data_hint(work):
+    """work(); a missing dataset names the way round it: sentences of one's own."""
+    try:
+        return work()
     except datasets.DataError as error:
-        if FLAGS.source is not None or FLAGS.target is not None:
+        if flags.FLAGS.source is not None or flags.FLAGS.target is not None:
             raise
         raise UserError(
             f'{error} Or analyse sentences of your own, which needs the workdir alone: '
             '--source=FILE --target=FILE (one sentence per line).'
         ) from None
-    print(json.dumps(summary))  # noqa: T201 - the command's report
 
 
 def run():
@@ -85,6 +118,9 @@ def run():
         'prompt', None, 'Show attention while generating: text to continue or translate.'
     )
     flags.DEFINE_integer('max_new_tokens', 30, 'With --prompt, language models: tokens to add.')
+    flags.DEFINE_bool(
+        'over_training', False, 'Follow the heads through every kept checkpoint instead.'
+    )
     cli.at_least('max_new_tokens', 1, 'give 1 or more tokens to add.')
     cli.run(main)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import flags
+from absl import app, flags
 
 from attn import cli, rundir
 from attn.inference import comparison
@@ -29,6 +29,8 @@ from attn.training import distributed
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
+    if not FLAGS.workdirs:
+        raise app.UsageError('--workdirs is required: two or more runs, comma-separated.')
     distributed.initialize_from_flags()
     runs = [
         comparison.run_outputs(
@@ -59,7 +61,7 @@ def run():
     flags.DEFINE_string('out', None, 'The JSON report (default: W/eval/compare-<split>.json).')
     cli.check_flag(
         'workdirs',
-        lambda value: value is not None and len(value) >= 2,
+        lambda value: len(value) >= 2,
         'give two or more runs, comma-separated: --workdirs=runs/base,runs/a1.',
     )
     cli.define_checkpoint_flags()

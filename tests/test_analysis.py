@@ -92,3 +92,38 @@ def test_pruning_restores_the_masks_and_starts_unmasked(trained):
     plain = float(np.exp(heads.mean_loss(run.model, batch, 'transformer')))
     assert curve[0] == (0, pytest.approx(plain, rel=1e-5))
     assert all(float(v.min()) == 1.0 for v in heads._mask_variables(run.model).values())  # noqa: SLF001
+
+
+def test_heads_over_training_follow_every_kept_checkpoint(tmp_path):
+    """A 6-step toy run keeping checkpoints 2, 4 and 6: every head has a curve of 3 points,
+    and the point at step 4 is what `attn.analyze` of checkpoint 4 writes in heads.json."""
+    from attn.analysis import training
+    from attn.training import loop
+    from tests import toy
+
+    data = toy.data(tmp_path / 'tokenizer')
+    workdir = str(tmp_path / 'run')
+    config = toy.config(checkpoint_every_steps=2, eval_every_steps=2, keep_checkpoints=None)
+    loop.train_and_evaluate(config, workdir, data)
+    out = tmp_path / 'over'
+    summary = training.over_training(workdir, str(out), sentences=4, data=data)
+    assert summary['steps'] == [2, 4, 6] and summary['sentences'] == 4
+    assert sorted(os.listdir(out)) == [
+        'heads_over_training-cross_attention.png',
+        'heads_over_training-decoder_self_attention.png',
+        'heads_over_training-encoder_self_attention.png',
+        'heads_over_training.json',
+    ]
+    curves = json.loads((out / 'heads_over_training.json').read_text())
+    at_4 = tmp_path / 'at4'
+    report.analyze(workdir, str(at_4), sentences=4, prune_steps=1, data=data, step=4)
+    table = json.loads((at_4 / 'heads.json').read_text())
+    assert set(curves) == set(table) and len(curves) == 2 * 3
+    for module, rows in table.items():
+        for head, row in zip(curves[module], rows, strict=True):
+            assert head['steps'] == [2, 4, 6]
+            for metric in training.METRICS:
+                assert head[metric][1] == pytest.approx(row[metric], rel=1e-6), (module, metric)
+    # The heads change as training goes on (the curves are not one checkpoint thrice).
+    importance = [h['importance'] for rows in curves.values() for h in rows]
+    assert any(len(set(values)) == 3 for values in importance)

@@ -122,6 +122,32 @@ def bertviz_export(maps, model_kind, tokens, tokenizer) -> dict:
     return export
 
 
+def head_table(model, batch, kind: str, maps, tokens) -> tuple[dict, dict]:
+    """(importance [N] per module, heads.json's rows per module: entropy, confidence, mean
+    distance and importance of every head) of `model` on `batch`."""
+    importance = heads.head_importance(model, batch, kind)
+    table = {}
+    for module, weights in maps.items():
+        query_ids, key_ids = tokens[kind_of(module, kind)]
+        stats = heads.head_statistics(weights, query_ids, key_ids)
+        for head, row in enumerate(stats):
+            row |= {'head': head, 'importance': float(importance[module][head])}
+        table[module] = stats
+    return importance, table
+
+
+def open_sentences(workdir, config, *, sentences, split, data, source, target):
+    """(batch, data) of the sentences to analyse: the first `sentences` of `split` (default
+    the eval split) of `data` (default the run's dataset), or of the files `source` and
+    `target` (as `attn.score` reads them; these need the workdir alone)."""
+    if source is not None or target is not None:
+        data, split = scoring.open_data(workdir, config, split, source, target)
+    else:
+        split = split or config.data.eval_split
+        data = data or datasets.load(config, [split])
+    return sentence_batch(data, config, split, sentences), data
+
+
 def analyze(
     workdir: str,
     out: str,
@@ -140,35 +166,31 @@ def analyze(
     the eval split) of `data` (default the run's dataset), or of the files `source` and
     `target` (as `attn.score` reads them; these need the workdir alone)."""
     run = rundir.load(workdir, step=step, average_last=average_last)
-    config, kind = run.config, run.config.model_kind
-    if source is not None or target is not None:
-        data, split = scoring.open_data(workdir, config, split, source, target)
-    else:
-        split = split or config.data.eval_split
-        data = data or datasets.load(config, [split])
-    batch = sentence_batch(data, config, split, sentences)
+    kind = run.config.model_kind
+    batch, data = open_sentences(
+        workdir,
+        run.config,
+        sentences=sentences,
+        split=split,
+        data=data,
+        source=source,
+        target=target,
+    )
     os.makedirs(out, exist_ok=True)
     maps = heads.attention_maps(run.model, batch, kind)
     tokens = axis_tokens(batch, kind, data.tokenizer)
     pictures = []
     for sentence in range(min(HEATMAP_SENTENCES, len(batch['targets']))):
         pictures += plot_heatmaps(maps, kind, tokens, data.tokenizer, sentence, out)
-    importance = heads.head_importance(run.model, batch, kind)
-    head_stats = {}
-    for module, weights in maps.items():
-        query_ids, key_ids = tokens[kind_of(module, kind)]
-        stats = heads.head_statistics(weights, query_ids, key_ids)
-        for head, row in enumerate(stats):
-            row |= {'head': head, 'importance': float(importance[module][head])}
-        head_stats[module] = stats
+    importance, head_stats = head_table(run.model, batch, kind, maps, tokens)
     curve = heads.pruning_curve(run.model, batch, kind, importance, prune_steps)
     total = sum(len(v) for v in importance.values())
     plot_pruning(curve, total, os.path.join(out, 'pruning.png'))
-    _write_json(os.path.join(out, 'heads.json'), head_stats)
-    _write_json(
+    write_json(os.path.join(out, 'heads.json'), head_stats)
+    write_json(
         os.path.join(out, 'pruning.json'), [{'masked': n, 'perplexity': p} for n, p in curve]
     )
-    _write_json(
+    write_json(
         os.path.join(out, 'bertviz.json'), bertviz_export(maps, kind, tokens, data.tokenizer)
     )
     return {
@@ -180,6 +202,6 @@ def analyze(
     }
 
 
-def _write_json(path: str, value) -> None:
+def write_json(path: str, value) -> None:
     with open(path, 'w', encoding='utf-8') as f:
         json.dump(value, f, ensure_ascii=False)
