@@ -111,3 +111,22 @@ def test_two_runs_compared_reusing_an_evaluations_translations(toy_run, tmp_path
     table = comparison.table(report)
     assert table.count('\n| ') == 4 and '(baseline)' in table  # the header, 3 runs
     assert json.loads(json.dumps(report)) == report  # JSON as it is
+
+
+def test_seed_intervals_equal_scipys():
+    """The t interval of a mean and Welch's interval of a difference, against scipy's own
+    (scipy.stats.t.interval; ttest_ind(equal_var=False).confidence_interval)."""
+    from scipy import stats
+
+    a, b = [24.1, 25.3, 24.8, 23.9], [26.6, 27.2, 26.1]
+    mean, low, high = significance.t_interval(a)
+    want = stats.t.interval(0.95, len(a) - 1, loc=np.mean(a), scale=stats.sem(a))
+    np.testing.assert_allclose([low, high], want, rtol=1e-12)
+    assert mean == pytest.approx(np.mean(a))
+    difference, low, high = significance.welch_interval(b, a)
+    want = stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
+    np.testing.assert_allclose([low, high], [want.low, want.high], rtol=1e-12)
+    assert difference == pytest.approx(np.mean(b) - np.mean(a))
+    assert significance.agrees(low, high, paper=0.5) == 'yes'
+    assert significance.agrees(-high, -low, paper=0.5) == 'no'
+    assert significance.agrees(-1.0, 2.0, paper=0.5) == 'within noise'

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from attn import configs
+from attn.inference import significance
 
 ROOT = pathlib.Path(__file__).parent.parent
 SCRIPTS = sorted(p for p in (ROOT / 'launch').iterdir() if p.suffix in ('.sh', '.sbatch')) + [
@@ -305,4 +306,27 @@ def test_table3_seeds_are_named_apart_and_reported_as_noise(tmp_path):
     _finished_run(tmp_path / 'base-seed2', 'row=base,dataset=l10n,seed=2', 31.5, 13.2)
     lines = _report(tmp_path)
     assert next(line for line in lines if line.startswith('| base |')).count('30.00') == 1
-    assert '| base | 0, 2 | 30.00, 31.50 | 14.0, 13.2 | 1.50 | 0.8 |' in lines
+    mean, low, high = significance.t_interval([30.0, 31.5])
+    assert any(
+        line.startswith('| base | 0, 2 | 30.00, 31.50 | 14.0, 13.2 | 1.50 | 0.8 | ')
+        and f'{mean:.2f} [{low:.2f}, {high:.2f}]' in line
+        for line in lines
+    )
+
+
+def test_table3_changes_from_base_get_seed_intervals_and_agree_or_not(tmp_path):
+    """Base and B1 at 3 seeds each: B1's change from base gets Welch's interval over the
+    seeds; its perplexity rises clearly (as the paper's), its BLEU moves within noise; D2,
+    one run without checkpoints, gets no interval."""
+    for seed, (ppl, bleu) in enumerate([(30.0, 14.0), (30.4, 13.6), (29.8, 14.3)]):
+        suffix = '' if seed == 0 else f'-seed{seed + 1}'
+        arg = '' if seed == 0 else f',seed={seed + 1}'
+        _finished_run(tmp_path / f'base{suffix}', f'row=base,dataset=l10n{arg}', ppl, bleu)
+        _finished_run(tmp_path / f'B1{suffix}', f'row=B1,dataset=l10n{arg}', ppl + 2, bleu - 0.1)
+    _finished_run(tmp_path / 'D2', 'row=D2,dataset=l10n', 31.0, 14.0)
+    lines = _report(tmp_path)
+    b1 = next(line for line in lines if line.startswith('| B1 | +'))
+    difference, low, high = significance.welch_interval([32.0, 32.4, 31.8], [30.0, 30.4, 29.8])
+    assert f'{difference:+.2f} [{low:+.2f}, {high:+.2f}]' in b1
+    assert '| seeds (3 and 3 runs) |' in b1 and b1.endswith('| yes | within noise |')
+    assert next(line for line in lines if line.startswith('| D2 | — |')).endswith('| — | — |')

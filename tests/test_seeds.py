@@ -125,6 +125,9 @@ def test_table3_one_source_runs_are_named_and_reported_apart(tmp_path):
     ):
         test_launch._finished_run(tmp_path / name, f'row=base,dataset=l10n{arg}', perplexity, 14.0)
     lines = test_launch._report(tmp_path)
-    assert '| base | 0, 2 | 30.00, 31.50 | 14.0, 14.0 | 1.50 | 0.0 |' in lines
+    assert any(
+        line.startswith('| base | 0, 2 | 30.00, 31.50 | 14.0, 14.0 | 1.50 | 0.0 |')
+        for line in lines
+    )
     data_only = '| base (data) | 0, 1, 4 | 30.00, 30.50, 30.25 | 14.0, 14.0, 14.0 | 0.50 | 0.0 |'
-    assert data_only in lines
+    assert any(line.startswith(data_only) for line in lines)

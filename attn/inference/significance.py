@@ -1,4 +1,5 @@
-"""Is a difference between two runs real? Paired tests over the sentences of one test set.
+"""Is a difference between runs real? Paired tests over the sentences of one test set, and
+t intervals over seeds.
 
 BLEU: sacreBLEU's paired bootstrap resampling (Koehn 2004; 1,000 resamples) and approximate
 randomization (Riezler & Maxwell 2005; 10,000 trials), as `sacrebleu --paired-bs/--paired-ar`
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from sacrebleu.metrics import BLEU
 from sacrebleu.significance import PairedTest
+from scipy import stats
 
 RESAMPLES = 1000  # bootstrap resamples (sacreBLEU's default)
 TRIALS = 10000  # approximate randomization trials (sacreBLEU's default)
@@ -144,3 +146,38 @@ def _centred_p(differences: np.ndarray, observed: float) -> float:
         return 1.0
     spread = np.abs(differences) - np.abs(differences).mean()
     return float((np.sum(spread > abs(observed)) + 1) / (len(differences) + 1))
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): Student's t interval of the mean of `values` (2 or more runs, e.g.
+    one config at several seeds)."""
+    values = np.asarray(values, np.float64)
+    n = len(values)
+    if n < 2:
+        raise ValueError(f'A t interval needs 2 or more values, not {n}.')
+    mean = float(values.mean())
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / np.sqrt(n)
+    return mean, mean - float(half), mean + float(half)
+
+
+def welch_interval(
+    system: Sequence[float], baseline: Sequence[float], confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """(difference, low, high) of the means, system - baseline, by Welch's t interval (runs
+    of two configs, 2 or more seeds each, variances not assumed equal)."""
+    a, b = (np.asarray(x, np.float64) for x in (system, baseline))
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f'A Welch interval needs 2 or more values a side, not {len(a)}, {len(b)}.')
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    difference = float(a.mean() - b.mean())
+    half = float(stats.t.ppf(0.5 + confidence / 2, dof) * np.sqrt(va + vb))
+    return difference, difference - half, difference + half
+
+
+def agrees(low: float, high: float, paper: float) -> str:
+    """'yes' or 'no' (the sign of an interval that excludes zero against the paper's
+    difference), 'within noise' where the interval holds zero."""
+    if low <= 0 <= high:
+        return 'within noise'
+    return 'yes' if (low > 0) == (paper > 0) else 'no'

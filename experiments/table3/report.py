@@ -7,6 +7,12 @@ report W/eval/<split>-<step>.json that `launch/sweep.py` has `attn.evaluate` wri
 writes report.md and table3.png to --out. Rows without a finished run are listed as
 missing, not left out. Runs of other seeds (<row>-seedN, and <row>-initN, <row>-dropoutN,
 <row>-dataN for one noise source) are listed under seed noise.
+
+Each row's change from base gets a 95% interval: Welch's t interval over seeds where the row
+and base both have 3 or more runs of every seed; otherwise the paired bootstrap of
+`attn.compare` between their first runs (sacreBLEU and perplexity on the eval split), which
+holds test-set noise only and is labelled so (it needs the runs' checkpoints and dataset).
+"Agrees with the paper" is yes or no only where the interval excludes zero.
 """
 
 import json
@@ -20,6 +26,8 @@ from absl import app, flags  # noqa: E402
 
 from attn import configs, rundir  # noqa: E402
 from attn import plot as learning_curves  # noqa: E402
+from attn.errors import UserError  # noqa: E402
+from attn.inference import comparison, significance  # noqa: E402
 from attn.model.config import ModelConfig  # noqa: E402
 from attn.summary import summarize  # noqa: E402
 
@@ -88,7 +96,12 @@ def settings(results: dict[str, dict | None]) -> str:
     )
 
 
-def markdown(results: dict[str, dict | None], root: pathlib.Path, seeds: dict | None = None) -> str:
+def markdown(
+    results: dict[str, dict | None],
+    root: pathlib.Path,
+    seeds: dict | None = None,
+    spans: dict | None = None,
+) -> str:
     lines = [
         '# Table 3: ours beside the paper',
         '',
@@ -103,6 +116,7 @@ def markdown(results: dict[str, dict | None], root: pathlib.Path, seeds: dict | 
         '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
     ]
     changes = deltas(results)
+    spans = spans or {}
     for row, ours in results.items():
         ppl, bleu, params = table3.PAPER[row]
         my_dppl, my_dbleu, paper_dppl, paper_dbleu = changes[row]
@@ -117,8 +131,98 @@ def markdown(results: dict[str, dict | None], root: pathlib.Path, seeds: dict | 
             f'{ours["bleu"]:.1f} | {ours["sacrebleu"]:.1f} | {_cell(my_dppl, "+.2f")} | '
             f'{_cell(my_dbleu, "+.1f")} | {paper} |'
         )
+    lines += against_base(results, spans)
     lines += seed_noise(seeds or {})
     return '\n'.join(lines) + '\n'
+
+
+def all_seeds(row: str, results: dict, seeds: dict) -> list[dict]:
+    """The row's runs at seeds of every noise source (its first run alone without more)."""
+    runs = [run for _, run in seeds.get(row, [])]
+    return runs or ([results[row]] if results.get(row) else [])
+
+
+def intervals(results: dict, seeds: dict, root: pathlib.Path) -> dict[str, dict | None]:
+    """Each row's change from base with a 95% interval, per metric: (change, low, high) and
+    where the interval comes from, or None where neither seeds nor a bootstrap give one."""
+    base = all_seeds('base', results, seeds)
+    outputs = {}  # attn.compare's per-run outputs, read once
+
+    def run_outputs(row):
+        if row not in outputs:
+            try:
+                split = configs.upgrade(json.loads((root / row / 'config.json').read_text()))
+                outputs[row] = comparison.run_outputs(str(root / row), split=split.data.eval_split)
+            except (UserError, OSError) as error:
+                outputs[row] = None
+                print(f'{row}: no bootstrap ({error})')  # noqa: T201
+        return outputs[row]
+
+    out = {}
+    for row in results:
+        runs = all_seeds(row, results, seeds)
+        if row == 'base' or not runs or not base:
+            continue
+        if len(runs) >= 3 and len(base) >= 3:
+            out[row] = {
+                metric: significance.welch_interval(
+                    [r[metric] for r in runs], [r[metric] for r in base]
+                )
+                for metric in ('perplexity', 'bleu')
+            } | {'from': f'seeds ({len(runs)} and {len(base)} runs)'}
+            continue
+        mine, theirs = run_outputs(row), run_outputs('base')
+        if mine is None or theirs is None:
+            out[row] = None
+            continue
+        bleu = significance.bleu_tests(
+            theirs['translations'], mine['translations'], theirs['references']
+        )
+        ppl = significance.perplexity_test(
+            (theirs['nll'], theirs['tokens']), (mine['nll'], mine['tokens'])
+        )
+        out[row] = {
+            'perplexity': (ppl['difference'], *ppl['interval']),
+            'bleu': (bleu['difference'], *bleu['interval']),
+            'from': 'test set only (paired bootstrap, sacreBLEU)',
+        }
+    return out
+
+
+def against_base(results: dict, spans: dict | None) -> list[str]:
+    """The section of each row's change from base with its interval and the paper's."""
+    if not spans:
+        return []
+    lines = [
+        '',
+        '## Changes from base, with 95% intervals',
+        '',
+        "Where the row and base both have 3 or more seeds, Welch's t interval over seeds (BLEU "
+        'tokenized as the paper); otherwise the paired bootstrap of their first runs on the '
+        'eval split, which shows test-set noise only (BLEU: sacreBLEU). "Agrees" is yes or no '
+        "against the paper's sign only where the interval excludes zero.",
+        '',
+        '| row | dPPL [95%] | dBLEU [95%] | interval from | paper dPPL | paper dBLEU | '
+        'agrees (PPL) | agrees (BLEU) |',
+        '|---|---|---|---|---|---|---|---|',
+    ]
+    changes = deltas(results)
+    for row, span in spans.items():
+        _, _, paper_ppl, paper_bleu = changes[row]
+        if span is None:
+            lines.append(
+                f'| {row} | — | — | no seeds, no checkpoints | {paper_ppl:+.2f} | '
+                f'{paper_bleu:+.1f} | — | — |'
+            )
+            continue
+        (dp, pl, ph), (db, bl, bh) = span['perplexity'], span['bleu']
+        lines.append(
+            f'| {row} | {dp:+.2f} [{pl:+.2f}, {ph:+.2f}] | {db:+.2f} [{bl:+.2f}, {bh:+.2f}] | '
+            f'{span["from"]} | {paper_ppl:+.2f} | {paper_bleu:+.1f} | '
+            f'{significance.agrees(pl, ph, paper_ppl)} | '
+            f'{significance.agrees(bl, bh, paper_bleu)} |'
+        )
+    return lines
 
 
 def read_seeds(root: pathlib.Path) -> dict[str, list[tuple[tuple[int, ...], dict]]]:
@@ -162,29 +266,40 @@ def seed_noise(seeds: dict[str, list[tuple[int, dict]]]) -> list[str]:
         '(sources)`: those alone, the others as the first run). A change from base smaller '
         "than base's spread here is within seed noise.",
         '',
-        '| row | seeds | PPL | BLEU | PPL spread | BLEU spread |',
-        '|---|---|---|---|---|---|',
+        '| row | seeds | PPL | BLEU | PPL spread | BLEU spread | PPL mean [95% t] | '
+        'BLEU mean [95% t] |',
+        '|---|---|---|---|---|---|---|---|',
     ]
     for row, runs in seeds.items():
         ppl = [run['perplexity'] for _, run in runs]
         bleu = [run['bleu'] for _, run in runs]
+        means = [significance.t_interval(x) for x in (ppl, bleu)]
         lines.append(
             f'| {row} | {", ".join(_seeds(seeds) for seeds, _ in runs)} | '
             f'{", ".join(f"{p:.2f}" for p in ppl)} | {", ".join(f"{b:.1f}" for b in bleu)} | '
-            f'{max(ppl) - min(ppl):.2f} | {max(bleu) - min(bleu):.1f} |'
+            f'{max(ppl) - min(ppl):.2f} | {max(bleu) - min(bleu):.1f} | '
+            + ' | '.join(f'{m:.2f} [{lo:.2f}, {hi:.2f}]' for m, lo, hi in means)
+            + ' |'
         )
     return lines
 
 
-def plot(results: dict[str, dict | None], path: pathlib.Path) -> None:
-    """Each row's change in dev BLEU and perplexity from base: ours (bars), the paper's
-    (markers)."""
+def plot(results: dict[str, dict | None], path: pathlib.Path, spans: dict | None = None) -> None:
+    """Each row's change in dev BLEU and perplexity from base: ours (bars, with their 95%
+    intervals where there are some), the paper's (markers)."""
     rows = [row for row in results if row != 'base']
     changes = deltas(results)
+    spans = spans or {}
     fig, axes = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
     for ax, mine, paper, label in ((axes[0], 1, 3, 'dev BLEU'), (axes[1], 0, 2, 'dev perplexity')):
+        metric = 'bleu' if mine == 1 else 'perplexity'
         ours = [changes[r][mine] or 0.0 for r in rows]
-        ax.bar(rows, ours, color='tab:blue', label='ours')
+        errors = [[0.0] * len(rows), [0.0] * len(rows)]
+        for i, row in enumerate(rows):
+            if spans.get(row):
+                _, low, high = spans[row][metric]
+                errors[0][i], errors[1][i] = max(ours[i] - low, 0.0), max(high - ours[i], 0.0)
+        ax.bar(rows, ours, color='tab:blue', label='ours (95% interval)', yerr=errors, capsize=3)
         ax.plot(rows, [changes[r][paper] for r in rows], 'o', color='tab:red', label='paper')
         ax.axhline(0.0, color='gray', linewidth=0.8)
         ax.set_ylabel(f'{label} - base')
@@ -201,13 +316,15 @@ def main(argv):
     out = pathlib.Path(_OUT.value or root)
     out.mkdir(parents=True, exist_ok=True)
     results = {row: read_run(root / row) for row in table3.ROWS}
-    report = markdown(results, root, read_seeds(root))
+    seeds = read_seeds(root)
+    spans = intervals(results, seeds, root)
+    report = markdown(results, root, seeds, spans)
     finished = [str(root / row) for row, run in results.items() if run is not None]
     if finished:
         learning_curves.write(finished, str(out / 'curves'))
         report += '\n[Learning curves of the finished rows](curves/steps.png) (`curves/`).\n'
     (out / 'report.md').write_text(report)
-    plot(results, out / 'table3.png')
+    plot(results, out / 'table3.png', spans)
     done = sum(r is not None for r in results.values())
     print(f'{done} of {len(results)} rows finished; wrote {out}/report.md and table3.png')  # noqa: T201
 
