@@ -9,7 +9,9 @@ signature), the paper's tokenized BLEU with compound splitting, teacher-forced p
 the decode settings, the checkpoint steps used, wall time and target tokens/s. Process 0
 writes W/eval/<split>-<step>[-avgK]-beamB-alphaA.json (named by what produced it,
 `rundir.report_name`) and the translations beside it (.txt, one per line: what attn.compare
-tests), and prints the same JSON.
+tests), and prints the same JSON. --attention_stats adds <name>.attention.json: the mean
+entropy and peak weight of every encoder-decoder head along the chosen translations,
+gathered inside the compiled beam search (no second pass).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main(argv):
         beam_size=FLAGS.beam_size,
         alpha=FLAGS.alpha,
         nbest=FLAGS.nbest,
+        attention_stats=FLAGS.attention_stats,
     )
     if distributed.is_main():
         print(json.dumps(report, ensure_ascii=False))  # noqa: T201 - the command's report
@@ -46,6 +49,12 @@ def run():
     flags.DEFINE_string('split', 'test', 'Dataset split to score.')
     cli.define_checkpoint_flags()
     cli.define_search_flags()
+    flags.DEFINE_bool(
+        'attention_stats',
+        False,
+        'Also write the mean entropy and peak weight of every encoder-decoder head along the '
+        'translations, gathered inside the beam search (<report>.attention.json).',
+    )
     distributed.define_flags()
     cli.run(main)
 

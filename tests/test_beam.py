@@ -196,3 +196,29 @@ def test_beam_of_one_is_greedy_or_an_early_end_of_it():
             np.testing.assert_array_equal(b[: n - 1], g[: n - 1])
         assert float(hyps.logprobs[row, 0]) >= greedy_logprob[row] - 1e-4
     assert differ < len(inputs)  # mostly the same search
+
+
+def test_attention_statistics_from_the_search_equal_a_full_forward_of_its_output():
+    """The entropy and peak weight of every encoder-decoder head, summed along each best
+    hypothesis inside the search (parents followed, finished ones kept), equal those of a
+    teacher-forced forward pass of the translation; the translations are unchanged."""
+    from attn.analysis import heads
+
+    model = test_decode.tiny(vocab_size=37, seed=5)
+    inputs = np.array([[5, 6, 7, 8, 9, 10, 11, 3], [8, 3, 0, 0, 0, 0, 0, 0]], np.int32)
+    settings = dict(beam_size=4, alpha=0.6, max_extra_length=6)
+    (tokens, _), sums = decoding.beam_search(model, inputs, attention_stats=True, **settings)
+    plain, _ = decoding.beam_search(model, inputs, **settings)
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(plain))
+    tokens, sums = np.asarray(tokens), np.asarray(sums)  # sums [B, layers, N, 2]
+    for b in range(len(inputs)):
+        targets = tokens[b : b + 1, : decoding.output_length(tokens[b])]
+        maps = heads.attention_maps(
+            model, {'inputs': inputs[b : b + 1], 'targets': targets}, 'transformer'
+        )
+        for layer in range(sums.shape[1]):
+            weights = maps[f'decoder.{layer}.cross_attention'][0]  # [N, T, S]
+            entropy = -(weights * np.log(np.clip(weights, 1e-12, 1))).sum(-1).sum(-1)
+            peak = np.where(inputs[b] == EOS_ID, 0, weights).max(-1).sum(-1)
+            np.testing.assert_allclose(sums[b, layer, :, 0], entropy, atol=1e-5)
+            np.testing.assert_allclose(sums[b, layer, :, 1], peak, atol=1e-5)

@@ -183,3 +183,22 @@ def test_nbest_lists_start_with_the_one_best_and_fall(trained):
     assert out[0]['nbest'][0]['translation'] == best[0] and len(out[0]['nbest']) == 2
     with pytest.raises(UserError, match='--beam_size >= 5'):
         evaluation.evaluate(workdir, split='test', beam_size=4, nbest=5, data=data)
+
+
+def test_attention_statistics_go_beside_the_report(trained):
+    """--attention_stats: per decoder layer and head, the mean entropy and peak weight over
+    every translated position, in <name>.attention.json; the BLEU is the same as without."""
+    workdir, data = trained
+    plain = evaluation.evaluate(workdir, split='test', data=data, beam_size=2)
+    report = evaluation.evaluate(
+        workdir, split='test', data=data, beam_size=2, attention_stats=True
+    )
+    assert report['sacrebleu'] == plain['sacrebleu']
+    with open(os.path.join(workdir, report['attention']['file'])) as f:
+        stats = json.load(f)
+    run = rundir.load(workdir)
+    assert len(stats['layers']) == run.config.model.num_layers
+    assert all(len(layer) == run.config.model.num_heads for layer in stats['layers'])
+    assert stats['tokens'] >= len(data.splits['test'])
+    for head in (h for layer in stats['layers'] for h in layer):
+        assert 0 <= head['entropy'] <= np.log(64) and 0 < head['peak_weight'] <= 1

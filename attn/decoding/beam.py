@@ -40,6 +40,24 @@ class Beams(NamedTuple):
     finished_seqs: jax.Array  # [B, K, L] ids up to EOS (or the length limit), then PAD
     finished_scores: jax.Array  # [B, K] log-prob / length penalty; -inf = empty slot
     finished_logprobs: jax.Array  # [B, K] log-prob (sum over tokens); -inf = empty slot
+    # With attention statistics: per hypothesis, per decoder layer and head, the sums over
+    # its positions of the encoder-decoder attention's entropy and peak weight.
+    live_attention: jax.Array | None = None  # [B, K, layers, N, 2]
+    finished_attention: jax.Array | None = None  # [B, K, layers, N, 2]
+
+
+def attention_statistics(probs: list[jax.Array], inputs: jax.Array) -> jax.Array:
+    """Per query, the entropy (nats) and the peak weight (EOS keys left out, as
+    `analysis.heads.head_statistics`' confidence) of every layer's encoder-decoder
+    attention: probs [B, N, T, S] per layer, inputs [B, S] -> [B, T, layers, N, 2]."""
+    eos = (inputs == EOS_ID)[:, None, None, :]  # [B, 1, 1, S]
+    out = []
+    for p in probs:
+        p = p.astype(jnp.float32)
+        entropy = -(p * jnp.log(jnp.clip(p, 1e-12, 1.0))).sum(-1)  # [B, N, T]
+        peak = jnp.where(eos, 0.0, p).max(-1)  # [B, N, T]
+        out.append(jnp.stack([entropy, peak], axis=-1))  # [B, N, T, 2]
+    return jnp.stack(out, axis=1).transpose(0, 3, 1, 2, 4)  # [B, T, layers, N, 2]
 
 
 class Hypotheses(NamedTuple):
@@ -143,7 +161,9 @@ def follow_parents(slots: jax.Array, parents: jax.Array) -> jax.Array:
     return jnp.take_along_axis(slots, parents[..., None], axis=1)
 
 
-def _beam_step(beams: Beams, step: common.Step, limits: jax.Array, alpha, min_length) -> Beams:
+def _beam_step(
+    beams: Beams, step: common.Step, limits: jax.Array, alpha, min_length, inputs
+) -> Beams:
     """Extends every live hypothesis by one token; moves ended ones to the finished set."""
     B, K, L = beams.live_seqs.shape
     length = beams.cache[0].length // K  # positions in this phase's caches
@@ -151,7 +171,8 @@ def _beam_step(beams: Beams, step: common.Step, limits: jax.Array, alpha, min_le
     slots = jax.lax.dynamic_update_slice(beams.slots, own, (0, 0, beams.t))  # [B, K, L]
     mask = slot_mask(slots[:, :, :length], beams.t)  # [B, 1, K, length * K]
     positions = common.at_position(beams.t, B, K)  # [B, K]: the K hypotheses side by side
-    logits, cache = step(beams.cache, beams.last, positions, mask)  # [B, K, V]
+    stepped = step(beams.cache, beams.last, positions, mask)
+    logits, cache = stepped[:2]  # [B, K, V], the caches
     # Scores are the model's log-probs; masked tokens are only taken out of the running.
     log_norm = jax.nn.logsumexp(logits, axis=-1)  # [B, K]
     logits = common.mask_tokens(logits, beams.t < min_length)  # [B, K, V]
@@ -173,6 +194,13 @@ def _beam_step(beams: Beams, step: common.Step, limits: jax.Array, alpha, min_le
     logprobs_if_ended = jnp.where(ended, top_logprobs, NEG_INF)  # [B, 2K], as the scores
     all_logprobs = jnp.concatenate([beams.finished_logprobs, logprobs_if_ended], axis=1)
     finished_scores, best = jax.lax.top_k(all_scores, K)  # [B, K]
+    live_attention = finished_attention = None
+    if beams.live_attention is not None:  # each extension: its parent's sums + this step's
+        this_step = beams.live_attention + attention_statistics(stepped[2], inputs)
+        extended = jnp.take_along_axis(this_step, parents[..., None, None, None], axis=1)
+        live_attention = jnp.take_along_axis(extended, keep[..., None, None, None], axis=1)
+        every = jnp.concatenate([beams.finished_attention, extended], axis=1)  # [B, 3K, ...]
+        finished_attention = jnp.take_along_axis(every, best[..., None, None, None], axis=1)
     return Beams(
         t=beams.t + 1,
         live_seqs=jnp.take_along_axis(seqs, keep[..., None], axis=1),  # [B, K, L]
@@ -183,6 +211,8 @@ def _beam_step(beams: Beams, step: common.Step, limits: jax.Array, alpha, min_le
         finished_seqs=jnp.take_along_axis(all_seqs, best[..., None], axis=1),  # [B, K, L]
         finished_scores=finished_scores,
         finished_logprobs=jnp.take_along_axis(all_logprobs, best, axis=1),  # [B, K]
+        live_attention=live_attention,
+        finished_attention=finished_attention,
     )
 
 
@@ -196,17 +226,38 @@ def phases(length: int) -> list[int]:
 
 
 @functools.partial(
-    jax.jit, static_argnums=0, static_argnames=('beam_size', 'max_extra_length', 'needed')
+    jax.jit,
+    static_argnums=0,
+    static_argnames=('beam_size', 'max_extra_length', 'needed', 'attention_stats'),
 )
 def _beam_search(
-    graphdef, state, inputs, alpha, min_length, *, beam_size, max_extra_length, needed
+    graphdef,
+    state,
+    inputs,
+    alpha,
+    min_length,
+    *,
+    beam_size,
+    max_extra_length,
+    needed,
+    attention_stats=False,
 ):
     B, S = inputs.shape
     K, L = beam_size, S + max_extra_length
     lengths = phases(L)
     nnx.merge(graphdef, state).decoder.check_positions(L)  # the caches grow up to L
-    step, cache = common.start(graphdef, state, inputs, batch_size=B, length=lengths[0], width=K)
+    step, cache = common.start(
+        graphdef,
+        state,
+        inputs,
+        batch_size=B,
+        length=lengths[0],
+        width=K,
+        cross_attention=attention_stats,
+    )
     limits = common.limits(inputs, max_extra_length)  # [B]
+    model = nnx.merge(graphdef, state)
+    stats = (B, K, len(model.decoder.layers), model.config.num_heads, 2)
     first = jnp.arange(K) == 0  # one live hypothesis (BOS) to start from, not K copies
     beams = Beams(
         t=jnp.array(0, jnp.int32),
@@ -218,15 +269,18 @@ def _beam_search(
         finished_seqs=jnp.full((B, K, L), PAD_ID, jnp.int32),
         finished_scores=jnp.full((B, K), NEG_INF, jnp.float32),
         finished_logprobs=jnp.full((B, K), NEG_INF, jnp.float32),
+        live_attention=jnp.zeros(stats, jnp.float32) if attention_stats else None,
+        finished_attention=jnp.zeros(stats, jnp.float32) if attention_stats else None,
     )
     for length in lengths:  # each phase's loop runs while t < its cache length
         grown = [c.grow(length * K) for c in beams.cache]
         beams = jax.lax.while_loop(
             lambda b, length=length: (b.t < length) & ~beams_done(b, limits, alpha, needed).all(),
-            lambda b: _beam_step(b, step, limits, alpha, min_length),
+            lambda b: _beam_step(b, step, limits, alpha, min_length, inputs),
             beams._replace(cache=grown),
         )
-    return Hypotheses(beams.finished_seqs, beams.finished_scores, beams.finished_logprobs)
+    found = Hypotheses(beams.finished_seqs, beams.finished_scores, beams.finished_logprobs)
+    return (found, beams.finished_attention) if attention_stats else found
 
 
 def beam_search(
@@ -238,7 +292,8 @@ def beam_search(
     max_extra_length: int = 50,
     min_length: int = 0,
     return_all: bool = False,
-) -> tuple[jax.Array, jax.Array] | Hypotheses:
+    attention_stats: bool = False,
+):
     """Beam search with the paper's settings (§6.1): beam 4, length penalty alpha 0.6,
     maximum output length input + 50, early stop.
 
@@ -257,10 +312,15 @@ def beam_search(
       max_extra_length: sentence b stops after len_b + max_extra_length tokens.
       min_length: EOS is suppressed before this many tokens (to force lengths).
       return_all: return every finished hypothesis, best first.
+      attention_stats: also return, per hypothesis, every decoder layer's and head's
+        encoder-decoder attention entropy and peak weight summed over its positions
+        (`attention_statistics`), gathered inside the search: [B, layers, N, 2] for the
+        best, [B, K, layers, N, 2] with return_all.
     Returns:
       (tokens [B, L] int32, scores [B] float32) of the best hypothesis per sentence, or
       all K of them with return_all (`Hypotheses`); L = S + max_extra_length, tokens
-      without BOS, up to and including EOS, then PAD.
+      without BOS, up to and including EOS, then PAD. With attention_stats, (that, the
+      sums).
     """
     graphdef, state = common.split_model(model, Transformer)
     hypotheses = _beam_search(
@@ -272,7 +332,12 @@ def beam_search(
         beam_size=beam_size,
         max_extra_length=max_extra_length,
         needed=beam_size if return_all else 1,
+        attention_stats=attention_stats,
     )
-    if return_all:
-        return hypotheses
-    return hypotheses.tokens[:, 0], hypotheses.scores[:, 0]
+    sums = None
+    if attention_stats:
+        hypotheses, sums = hypotheses
+    found = hypotheses if return_all else (hypotheses.tokens[:, 0], hypotheses.scores[:, 0])
+    if not attention_stats:
+        return found
+    return found, (sums if return_all else sums[:, 0])

@@ -42,7 +42,16 @@ def split_model(model: Transformer | LanguageModel, kind: type):
     return nnx.split(model)
 
 
-def start(graphdef, state, inputs, *, batch_size: int, length: int, width: int = 1):
+def start(
+    graphdef,
+    state,
+    inputs,
+    *,
+    batch_size: int,
+    length: int,
+    width: int = 1,
+    cross_attention: bool = False,
+):
     """Runs the encoder once, builds the caches and returns the one-step function.
 
     Args:
@@ -51,11 +60,13 @@ def start(graphdef, state, inputs, *, batch_size: int, length: int, width: int =
       batch_size: B.
       length: positions in each self-attention cache.
       width: cache entries per position (`Decoder.init_cache`).
+      cross_attention: the step also returns every decoder layer's encoder-decoder
+        attention probabilities, [B, N, T, S] each (a list over layers).
     Returns:
       (step, caches): the self-attention caches, one `KVCache` per layer, and
       `step(caches, tokens [B, T], positions [B, T], self_mask=None) -> (logits [B, T, V]
-      float32, caches)`, which feeds T more positions (the source's caches are constant
-      and stay inside it).
+      float32, caches[, probabilities])`, which feeds T more positions (the source's caches
+      are constant and stay inside it).
     """
     model = nnx.merge(graphdef, state)
     if inputs is None:
@@ -66,14 +77,26 @@ def start(graphdef, state, inputs, *, batch_size: int, length: int, width: int =
     # them untransposed and transposed every layer's keys/values again at every step.
     sources = jax.lax.optimization_barrier([c['source'] for c in caches])
 
-    def step(selves, tokens, positions, self_mask=None):
-        m = nnx.merge(graphdef, state)
+    def extend(m, selves, tokens, positions, self_mask):
         cache = [{'self': s, 'source': c} for s, c in zip(selves, sources, strict=True)]
         kwargs = {} if inputs is None else {'inputs': inputs}
         logits, cache = m.extend(
             tokens, positions=positions, cache=cache, self_mask=self_mask, **kwargs
         )
         return logits.astype(jnp.float32), [c['self'] for c in cache]
+
+    def step(selves, tokens, positions, self_mask=None):
+        m = nnx.merge(graphdef, state)
+        if not cross_attention:
+            return extend(m, selves, tokens, positions, self_mask)
+        for layer in m.decoder.layers:  # this step's copy of the model only
+            layer.cross_attention.capture_weights = True
+        (logits, selves), captured = nnx.capture(extend, nnx.Intermediate)(
+            m, selves, tokens, positions, self_mask
+        )
+        layers = captured['decoder']['layers']
+        probs = [layers[i]['cross_attention']['attention_weights'][0] for i in sorted(layers)]
+        return logits, selves, probs
 
     return step, [c['self'] for c in caches]
 

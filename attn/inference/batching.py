@@ -42,7 +42,8 @@ def translate(
     max_extra_length: int = 50,
     mesh: Mesh | None = None,
     nbest: int = 0,
-) -> np.ndarray | decoding.Hypotheses:
+    attention_stats: bool = False,
+):
     """Best translation per sentence: greedy for beam_size 1, else beam search; or, with
     `nbest` K, the K best finished hypotheses of the beam search (1 <= K <= beam_size).
 
@@ -57,12 +58,20 @@ def translate(
 
     Args:
       inputs: [B, S] source ids ending in EOS, right-padded (this host's rows).
+      attention_stats: also return each translation's encoder-decoder attention entropy
+        and peak weight per decoder layer and head, summed over its positions and gathered
+        inside the beam search, [B, layers, N, 2] (`decoding.beam_search`).
     Returns:
       [B, L] ids without BOS, up to and including EOS, then PAD; with `nbest`, the
       `decoding.Hypotheses` as NumPy arrays of K per sentence, best first (a slot that never
       filled, possible only with a tiny vocabulary, scores -inf).
     """
     check_nbest(nbest, beam_size)
+    if attention_stats and (beam_size == 1 or nbest):
+        raise SearchError(
+            '--attention_stats are gathered inside the beam search of the 1-best: give '
+            '--beam_size of 2 or more, without --nbest.'
+        )
     inputs = np.asarray(inputs)
     rows, width = inputs.shape
     shape = [bucket(rows, 1), bucket(width)]
@@ -81,6 +90,9 @@ def translate(
     if beam_size == 1:
         return own_rows(decoding.greedy_search(model, padded, max_extra_length=max_extra_length))
     settings = {'beam_size': beam_size, 'alpha': alpha, 'max_extra_length': max_extra_length}
+    if attention_stats:
+        (tokens, _), sums = decoding.beam_search(model, padded, attention_stats=True, **settings)
+        return own_rows(tokens), own_rows(sums)
     if not nbest:
         return own_rows(decoding.beam_search(model, padded, **settings)[0])
     found = decoding.beam_search(model, padded, return_all=True, **settings)

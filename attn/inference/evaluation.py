@@ -10,6 +10,7 @@ import os
 import time
 
 import jax
+import numpy as np
 from absl import logging
 from flax import nnx
 
@@ -44,10 +45,13 @@ def translate_split(
     alpha: float,
     mesh,
     nbest: int = 0,
+    attention: list | None = None,
 ) -> tuple[list[str], int, list[list[dict]]]:
     """Detokenized translations of every example of `data.splits[split]`, in order, the
     number of target tokens generated (EOS included) and, with `nbest` K, each example's
-    K best hypotheses (`translate.nbest_list`; else []). The translations are the 1-best.
+    K best hypotheses (`text.nbest_list`; else []). The translations are the 1-best.
+    Given a list `attention`, appends to it the encoder-decoder attention statistics of the
+    translations, gathered inside the search (`attention_report`).
 
     Data-parallel over `mesh`: each process decodes its rows of each batch over the
     devices, then every process gathers all rows, so each holds the whole split. Batches
@@ -56,6 +60,7 @@ def translate_split(
     translations: dict[int, str] = {}
     lists: dict[int, list[dict]] = {}
     generated = 0
+    sums = 0.0  # [layers, N, 2] over every translation's positions
     for batch in data.eval_batches(config, split, by_length=True):
         found = batching.translate(
             model,
@@ -65,8 +70,12 @@ def translate_split(
             max_extra_length=config.decode.max_extra_length,
             mesh=mesh,
             nbest=nbest,
+            attention_stats=attention is not None,
         )
         indices = distributed.gather_rows(batch['index'])
+        if attention is not None:
+            found, per_row = found
+            sums = sums + distributed.gather_rows(per_row)[indices >= 0].sum(0)
         if nbest:
             found = decoding.Hypotheses(*(distributed.gather_rows(x) for x in found))
         tokens = found.tokens[:, 0] if nbest else distributed.gather_rows(found)
@@ -77,7 +86,22 @@ def translate_split(
                 if nbest:
                     lists[int(index)] = text.nbest_list(data.tokenizer, found, row)
     hypotheses = [translations[i] for i in range(len(translations))]
+    if attention is not None:
+        attention.append(attention_report(np.asarray(sums), generated))
     return hypotheses, generated, [lists[i] for i in range(len(lists))]
+
+
+def attention_report(sums: np.ndarray, tokens: int) -> dict:
+    """Mean entropy (nats) and peak weight (EOS left out) of every decoder layer's and head's
+    encoder-decoder attention over `tokens` translated positions, from their sums
+    [layers, N, 2]: {'tokens', 'layers': [per layer [per head {'entropy', 'peak_weight'}]]}."""
+    means = sums / max(tokens, 1)
+    return {
+        'tokens': int(tokens),
+        'layers': [
+            [{'entropy': float(e), 'peak_weight': float(p)} for e, p in layer] for layer in means
+        ],
+    }
 
 
 def sample_bleu(model, config, data: datasets.Data, split: str, examples: int, mesh) -> float:
@@ -113,11 +137,14 @@ def evaluate(
     alpha: float | None = None,
     data: datasets.Data | None = None,
     nbest: int = 0,
+    attention_stats: bool = False,
 ) -> dict:
     """Scores a checkpoint (or an average of the last few) on a split; writes the report,
     and with `nbest` K each example's K best hypotheses beside it (<name>.nbest.jsonl).
 
-    `data` defaults to the run's dataset (`datasets.load` of its saved config).
+    `data` defaults to the run's dataset (`datasets.load` of its saved config). With
+    `attention_stats`, the mean entropy and peak weight of every encoder-decoder head along
+    the translations, gathered inside the beam search, go beside it (<name>.attention.json).
     """
     start, compiled_before = time.perf_counter(), compilation.seconds()
     run = rundir.load(workdir, step=step, average_last=average_last)
@@ -134,7 +161,11 @@ def evaluate(
         'checkpoint_steps': run.steps,
     }
     report |= perplexity(run, data, split)
-    lists = []
+    lists, attention = [], [] if attention_stats else None
+    if attention_stats and config.model_kind != 'transformer':
+        raise UserError(
+            '--attention_stats are of encoder-decoder attention: a language model has none.'
+        )
     if config.model_kind == 'transformer':
         alpha = config.decode.alpha if alpha is None else alpha
         decode_start, compile_start = time.perf_counter(), compilation.seconds()
@@ -147,6 +178,7 @@ def evaluate(
             alpha=alpha,
             mesh=run.mesh,
             nbest=nbest,
+            attention=attention,
         )
         seconds = time.perf_counter() - decode_start
         refs = references(data, split)
@@ -169,8 +201,13 @@ def evaluate(
     name = rundir.report_name(split, run.steps, search)
     if nbest:
         report['nbest'] = {'k': nbest, 'file': os.path.join(rundir.EVAL_DIR, f'{name}.nbest.jsonl')}
+    if attention_stats:
+        report['attention'] = {'file': os.path.join(rundir.EVAL_DIR, f'{name}.attention.json')}
     if distributed.is_main():
         write_report(workdir, report, name)
+        if attention_stats:
+            content = json.dumps(attention[0], indent=1)
+            _write_eval_file(workdir, f'{name}.attention.json', content, 'the attention statistics')
         if config.model_kind == 'transformer':
             write_translations(workdir, hypotheses, name)
         if nbest:
