@@ -42,8 +42,8 @@ def forward_flops(cfg: ModelConfig, kind: str, source_length: int, target_length
         projections = 2 * tq * D * N * K + 2 * tk * D * N * (K + H) + 2 * tq * N * H * D
         return projections + 2 * tq * tk * N * (K + H)  # Q K^T and probs @ V
 
-    def feed_forward(t: int) -> int:
-        return 2 * 2 * t * D * cfg.mlp_dim
+    def feed_forward(t: int) -> int:  # a gated FFN has two input matrices
+        return (2 if cfg.ffn == 'relu' else 3) * 2 * t * D * cfg.ffn_dim
 
     decoder_layer = attention(T, T) + feed_forward(T)
     encoder = 0

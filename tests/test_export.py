@@ -232,6 +232,8 @@ def test_exported_tokenizer_gives_attn_ids(exported):
         ({'model.pre_ln': True}, 'model.pre_ln'),
         ({'model.share_embeddings': False}, 'model.share_embeddings'),
         ({'model.tie_output': False}, 'model.tie_output'),
+        ({'model.norm': 'rmsnorm'}, 'model.norm'),
+        ({'model.ffn': 'swiglu'}, 'model.ffn'),
     ],
 )
 def test_unexportable_configs_are_refused_before_writing(toy_run, tmp_path, fields, named):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from scipy import special
 
 from attn.configs import ModelConfig
 from attn.errors import ConfigError
@@ -93,36 +94,70 @@ def test_parameter_paths_and_shapes():
         assert got == want, (kind.__name__, switches)
 
 
+def numpy_linear(dense, x):
+    return x @ np.asarray(dense.kernel[...], np.float64) + np.asarray(dense.bias[...], np.float64)
+
+
 def numpy_ffn(ffn, x):
-    h = np.maximum(0, x @ np.asarray(ffn.wi.kernel[...]) + np.asarray(ffn.wi.bias[...]))
-    return h @ np.asarray(ffn.wo.kernel[...]) + np.asarray(ffn.wo.bias[...])
+    """§3.3 in float64, or a gated FFN (Shazeer 2020): SwiGLU's SiLU, GEGLU's exact GELU."""
+    h = numpy_linear(ffn.wi, x)
+    if ffn.wv is None:
+        return numpy_linear(ffn.wo, np.maximum(0, h))
+    if ffn.kind == 'swiglu':
+        gate = h / (1 + np.exp(-h))
+    else:
+        gate = 0.5 * h * (1 + special.erf(h / np.sqrt(2)))
+    return numpy_linear(ffn.wo, gate * numpy_linear(ffn.wv, x))
+
+
+def numpy_norm(norm, h):
+    """LayerNorm, or RMSNorm (Zhang & Sennrich 2019: no mean taken out, no bias), float64."""
+    if isinstance(norm, nnx.RMSNorm):
+        h = np.asarray(h, np.float64)
+        return h / np.sqrt((h**2).mean(-1, keepdims=True) + 1e-6) * np.asarray(norm.scale[...])
+    return numpy_layer_norm(h, norm.scale[...], norm.bias[...])
 
 
 def numpy_residual(x, residual, sublayer, pre_ln):
-    """§3.1 in float64: LayerNorm(x + Sublayer(x)), or x + Sublayer(LayerNorm(x)) pre-LN."""
-    norm = residual.norm
+    """§3.1 in float64: Norm(x + Sublayer(x)), or x + Sublayer(Norm(x)) pre-LN."""
 
     def layer_norm(h):
-        return numpy_layer_norm(h, norm.scale[...], norm.bias[...])
+        return numpy_norm(residual.norm, h)
 
     return x + sublayer(layer_norm(x)) if pre_ln else layer_norm(x + sublayer(x))
 
 
+# The switches beyond 2017, alone and together (ModelConfig overrides).
+VARIANTS = {
+    'rmsnorm': {'norm': 'rmsnorm'},
+    'swiglu': {'ffn': 'swiglu'},
+    'geglu': {'ffn': 'geglu'},
+    'modern': {'norm': 'rmsnorm', 'ffn': 'swiglu', 'pre_ln': True},
+}
+WITH_VARIANTS = pytest.mark.parametrize(
+    'variant', [{}, *VARIANTS.values()], ids=['paper', *VARIANTS]
+)
+
+
 @pytest.mark.parametrize('pre_ln', [False, True], ids=['post_ln', 'pre_ln'])
 @pytest.mark.parametrize('side', ['encoder', 'decoder'])
-def test_layer_matches_float64(side, pre_ln):
+@WITH_VARIANTS
+def test_layer_matches_float64(side, pre_ln, variant):
     """One layer against float64 NumPy from its own weights. Every norm has its own
     scale and bias away from (1, 0), so a norm in the wrong place (post- for pre-LN,
     the residual stream normalized in pre-LN), a sub-layer's norm swapped for another's,
-    or cross-attention keys from the wrong side all show."""
-    layer = getattr(transformer(num_layers=1, dropout_rate=0.0, pre_ln=pre_ln), side).layers[0]
+    or cross-attention keys from the wrong side all show; the inputs' mean is far from 0,
+    so an RMSNorm that takes it out shows too."""
+    model = transformer(num_layers=1, dropout_rate=0.0, **(variant | {'pre_ln': pre_ln}))
+    layer = getattr(model, side).layers[0]
     names = ['self_attention', 'cross_attention', 'feed_forward'][:: 1 if side == 'decoder' else 2]
     for i, name in enumerate(names):
         norm = getattr(layer, f'{name}_residual').norm
         norm.scale[...] = jnp.linspace(0.5, 2.0, 16) + i
-        norm.bias[...] = jnp.linspace(-0.3, 0.3, 16) * (i + 1)
+        if not isinstance(norm, nnx.RMSNorm):
+            norm.bias[...] = jnp.linspace(-0.3, 0.3, 16) * (i + 1)
     rng = np.random.default_rng(0)
-    x, encoded = rng.standard_normal((1, 4, 16)), rng.standard_normal((1, 5, 16))
+    x, encoded = rng.standard_normal((1, 4, 16)) + 2.0, rng.standard_normal((1, 5, 16))
     source_mask = attention.padding_mask(jnp.ones((1, 4), bool), jnp.array([[1] * 4 + [0]], bool))
     self_mask = attention.causal_mask(4)
     if side == 'encoder':
@@ -144,7 +179,8 @@ def test_layer_matches_float64(side, pre_ln):
     for name in names:
         residual = getattr(layer, f'{name}_residual')
         expected = numpy_residual(expected, residual, sublayers[name], pre_ln)
-    assert np.abs(np.asarray(got) - expected).max() < TOL
+    # float32 round-off grows with the values (pre-LN's residual stream is not normalized)
+    assert np.abs(np.asarray(got) - expected).max() < TOL * max(1.0, np.abs(expected).max())
 
 
 def test_pre_ln_stacks_end_with_a_layer_norm():
@@ -239,19 +275,21 @@ def test_bfloat16_logits_match_float32():
 # -------------------------------------------------------------------- invariances
 
 
-def test_padding_does_not_change_outputs():
-    model = transformer()
+@WITH_VARIANTS
+def test_padding_does_not_change_outputs(variant):
+    model = transformer(**variant)
     short = model(jnp.array([SOURCE_A]), jnp.array([TARGET_A]))
     padded = model(jnp.array([pad(SOURCE_A, 9)]), jnp.array([pad(TARGET_A, 7)]))
     assert np.abs(np.asarray(padded[:, :4]) - np.asarray(short)).max() < TOL
 
 
 @pytest.mark.parametrize('kind', ['transformer', 'lm'])
-def test_packed_equals_one_by_one(kind):
+@WITH_VARIANTS
+def test_packed_equals_one_by_one(kind, variant):
     """Packed rows restart positions per example; the language model's are learned
     (a table lookup by position, which must follow the given positions)."""
     if kind == 'transformer':
-        model = transformer()
+        model = transformer(**variant)
         alone = [
             model(jnp.array([s]), jnp.array([t]))
             for s, t in ((SOURCE_A, TARGET_A), (SOURCE_B, TARGET_B))
@@ -265,7 +303,7 @@ def test_packed_equals_one_by_one(kind):
             targets_position=jnp.array([pad(list(range(4)) + list(range(5)), 11)]),
         )
     else:
-        cfg = dataclasses.replace(TINY, positions='learned', max_len=16)
+        cfg = dataclasses.replace(TINY, positions='learned', max_len=16, **variant)
         model = LanguageModel(cfg, rngs=nnx.Rngs(0))
         alone = [model(jnp.array([t])) for t in (TARGET_A, TARGET_B)]
         packed = model(
@@ -286,8 +324,9 @@ def test_language_model_is_causal():
     assert np.abs(a[0, 4] - b[0, 4]).max() > 1e-3
 
 
-def test_incremental_decoding_equals_full_forward():
-    model = transformer(dropout_rate=0.0)
+@WITH_VARIANTS
+def test_incremental_decoding_equals_full_forward(variant):
+    model = transformer(dropout_rate=0.0, **variant)
     inputs = jnp.array([pad(SOURCE_A, 6), pad(SOURCE_B, 6)])
     targets = jnp.array([pad(TARGET_A, 5), TARGET_B])
     full = np.asarray(model(inputs, targets))
@@ -398,3 +437,33 @@ def test_remat_changes_memory_not_gradients(remat):
     assert float(plain_loss) == pytest.approx(float(remat_loss), rel=1e-6)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_gated_ffn_keeps_the_parameters_of_d_ff():
+    """SwiGLU and GEGLU take round(2/3 d_ff) hidden units for their two input matrices: the
+    base model keeps its parameter count within 0.01%, and the FLOPs per token with it."""
+    from attn import summary
+
+    base = ModelConfig(vocab_size=37000)
+
+    def params(cfg):
+        model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+        return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+    for ffn in ('swiglu', 'geglu'):
+        gated = dataclasses.replace(base, ffn=ffn)
+        assert gated.ffn_dim == 1365 and base.ffn_dim == 2048
+        assert params(gated) == pytest.approx(params(base), rel=1e-4)
+        flops = [summary.forward_flops(c, 'transformer', 30, 30) for c in (base, gated)]
+        assert flops[1] == pytest.approx(flops[0], rel=1e-3)
+    with pytest.raises(ConfigError, match=r"model.ffn='glu' is not one of"):
+        dataclasses.replace(base, ffn='glu')
+    # The state paths checkpoints hold: a value matrix beside wi; RMSNorm has no bias.
+    model = transformer(num_layers=1, ffn='geglu', norm='rmsnorm')
+    state = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    got = {'.'.join(map(str, path)): v.get_value().shape for path, v in state}
+    ffn = 'encoder.layers.0.feed_forward'
+    assert got[f'{ffn}.wi.kernel'] == got[f'{ffn}.wv.kernel'] == (16, 21)  # round(2/3 32)
+    assert got[f'{ffn}.wo.kernel'] == (21, 16)
+    norms = [k for k in got if '_residual.norm' in k]
+    assert norms and all(k.endswith('.scale') for k in norms)

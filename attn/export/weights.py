@@ -55,6 +55,11 @@ def check_exportable(config) -> None:
         why = f'model.positions={model.positions!r}: Marian has only sinusoidal positions.'
     elif model.pre_ln:
         why = "model.pre_ln=True: Marian is post-LN (the paper's residual blocks)."
+    elif model.get('norm', 'layernorm') != 'layernorm':
+        why = f'model.norm={model.norm!r}: MarianMT has LayerNorm only.'
+    elif model.get('ffn', 'relu') != 'relu':
+        why = f"model.ffn={model.ffn!r}: MarianMT has the paper's ReLU feed-forward only."
+
     elif not (model.share_embeddings and model.tie_output):
         why = (
             f'model.share_embeddings={model.share_embeddings}, model.tie_output='

@@ -22,6 +22,8 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 # ('none'), only the layer's input ('full'), or the outputs of its dense projections
 # ('dots': attention scores, softmax, dropout and norms are recomputed).
 REMAT = ('none', 'full', 'dots')
+NORMS = ('layernorm', 'rmsnorm')
+FFNS = ('relu', 'swiglu', 'geglu')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,9 @@ class ModelConfig:
     attention: str = 'reference'  # 'reference' (einsum), 'fused' or 'cudnn' (attention.py)
     dtype: str = 'float32'  # compute dtype; parameters are always float32
     remat: str = 'none'  # recompute activations in the backward pass: one of REMAT
+    # Beyond 2017, each off by default (the paper's model):
+    norm: str = 'layernorm'  # or 'rmsnorm' (Zhang & Sennrich 2019): every norm of the model
+    ffn: str = 'relu'  # or 'swiglu' / 'geglu' (Shazeer 2020): gated, width `ffn_dim`
 
     def __post_init__(self):
         _check_sizes(self)
@@ -54,7 +59,16 @@ class ModelConfig:
         _check_choice('attention', self.attention, IMPLEMENTATIONS)
         _check_choice('dtype', self.dtype, DTYPES)
         _check_choice('remat', self.remat, REMAT)
+        _check_choice('norm', self.norm, NORMS)
+        _check_choice('ffn', self.ffn, FFNS)
         _check_combinations(self)
+
+    @property
+    def ffn_dim(self) -> int:
+        """The feed-forward's hidden width: mlp_dim (d_ff), or for a gated FFN, whose input
+        side has two matrices, round(2/3 mlp_dim), so that its parameters stay those of
+        d_ff (Shazeer 2020)."""
+        return self.mlp_dim if self.ffn == 'relu' else max(1, round(2 * self.mlp_dim / 3))
 
     @property
     def head_qk_dim(self) -> int:

@@ -7,6 +7,7 @@ size (d_v), D d_model, F d_ff, V vocabulary, L cache length.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -223,17 +224,39 @@ class MultiHeadAttention(nnx.Module):
         return out @ self.out[...].astype(self.dtype).reshape(N * H, -1)  # [B, T, D]
 
 
-class FeedForward(nnx.Module):
-    """FFN(x) = max(0, x W_1 + b_1) W_2 + b_2, applied at every position (§3.3)."""
+# The gated feed-forwards' activations (Shazeer 2020): GELU exact, not tanh-approximated.
+GATES = {'swiglu': jax.nn.silu, 'geglu': functools.partial(jax.nn.gelu, approximate=False)}
 
-    def __init__(self, emb_dim: int, mlp_dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+
+class FeedForward(nnx.Module):
+    """FFN(x) = max(0, x W_1 + b_1) W_2 + b_2, applied at every position (§3.3); or gated
+    (`kind` 'swiglu' or 'geglu', Shazeer 2020): (act(x W_1 + b_1) * (x V + c)) W_2 + b_2,
+    act SiLU or GELU, V the value matrix `wv`."""
+
+    def __init__(
+        self,
+        emb_dim: int,
+        mlp_dim: int,
+        *,
+        kind: str = 'relu',
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
         init = nnx.initializers.xavier_uniform()
         self.wi = nnx.Linear(emb_dim, mlp_dim, kernel_init=init, dtype=dtype, rngs=rngs)
+        self.wv = (
+            nnx.Linear(emb_dim, mlp_dim, kernel_init=init, dtype=dtype, rngs=rngs)
+            if kind != 'relu'
+            else None
+        )
         self.wo = nnx.Linear(mlp_dim, emb_dim, kernel_init=init, dtype=dtype, rngs=rngs)
+        self.kind = kind
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, T, D] -> [B, T, D]."""
-        return self.wo(jax.nn.relu(self.wi(x)))  # [B, T, F] inside
+        if self.wv is None:
+            return self.wo(jax.nn.relu(self.wi(x)))  # [B, T, F] inside
+        return self.wo(GATES[self.kind](self.wi(x)) * self.wv(x))
 
 
 class Embed(nnx.Module):
@@ -290,5 +313,13 @@ class ResidualNorm(nnx.Module):
     the connection out; this module holds the norm, so that its parameters are
     `<sub-layer>_residual.norm.{scale,bias}` in the state (the names checkpoints hold)."""
 
-    def __init__(self, emb_dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.norm = nnx.LayerNorm(emb_dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+    def __init__(self, emb_dim: int, *, norm: str = 'layernorm', dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.norm = make_norm(norm, emb_dim, dtype=dtype, rngs=rngs)
+
+
+def make_norm(kind: str, emb_dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Module:
+    """LayerNorm (the paper: scale and bias), or RMSNorm ('rmsnorm', Zhang & Sennrich 2019:
+    x / sqrt(mean(x^2) + eps) * scale, no mean taken out, no bias); epsilon 1e-6."""
+    if kind == 'rmsnorm':
+        return nnx.RMSNorm(emb_dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+    return nnx.LayerNorm(emb_dim, epsilon=1e-6, dtype=dtype, rngs=rngs)

@@ -111,14 +111,20 @@ def _attention(cfg: ModelConfig, rngs: nnx.Rngs) -> layers.MultiHeadAttention:
 
 
 def _residual(cfg: ModelConfig, rngs: nnx.Rngs) -> layers.ResidualNorm:
-    return layers.ResidualNorm(cfg.emb_dim, dtype=cfg.compute_dtype, rngs=rngs)
+    return layers.ResidualNorm(cfg.emb_dim, norm=cfg.norm, dtype=cfg.compute_dtype, rngs=rngs)
 
 
-def _final_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm | None:
+def _feed_forward(cfg: ModelConfig, rngs: nnx.Rngs) -> layers.FeedForward:
+    return layers.FeedForward(
+        cfg.emb_dim, cfg.ffn_dim, kind=cfg.ffn, dtype=cfg.compute_dtype, rngs=rngs
+    )
+
+
+def _final_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module | None:
     """Pre-LN stacks end with a LayerNorm; post-LN ones are already normalized."""
     if not cfg.pre_ln:
         return None
-    return nnx.LayerNorm(cfg.emb_dim, epsilon=1e-6, dtype=cfg.compute_dtype, rngs=rngs)
+    return layers.make_norm(cfg.norm, cfg.emb_dim, dtype=cfg.compute_dtype, rngs=rngs)
 
 
 # What each remat setting saves of a layer's forward pass ('full': only its input).
@@ -145,9 +151,7 @@ class EncoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.self_attention = _attention(cfg, rngs)
         self.self_attention_residual = _residual(cfg, rngs)
-        self.feed_forward = layers.FeedForward(
-            cfg.emb_dim, cfg.mlp_dim, dtype=cfg.compute_dtype, rngs=rngs
-        )
+        self.feed_forward = _feed_forward(cfg, rngs)
         self.feed_forward_residual = _residual(cfg, rngs)
         self.dropout = nnx.Dropout(cfg.dropout_rate)
         self.pre_ln = cfg.pre_ln
@@ -177,9 +181,7 @@ class DecoderLayer(nnx.Module):
             self.cross_attention_residual = _residual(cfg, rngs)
         else:
             self.cross_attention = self.cross_attention_residual = None
-        self.feed_forward = layers.FeedForward(
-            cfg.emb_dim, cfg.mlp_dim, dtype=cfg.compute_dtype, rngs=rngs
-        )
+        self.feed_forward = _feed_forward(cfg, rngs)
         self.feed_forward_residual = _residual(cfg, rngs)
         self.dropout = nnx.Dropout(cfg.dropout_rate)
         self.pre_ln = cfg.pre_ln
