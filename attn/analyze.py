@@ -48,6 +48,9 @@ def main(argv):
     FLAGS = flags.FLAGS
     if FLAGS.workdir is None or FLAGS.out is None:
         raise app.UsageError('--workdir and --out are required.')
+    sentences = dict(
+        sentences=FLAGS.sentences, split=FLAGS.split, source=FLAGS.source, target=FLAGS.target
+    )  # what to analyse
     if FLAGS.over_training:
         if FLAGS.prompt is not None or FLAGS.step is not None or FLAGS.average_last != 1:
             raise UserError(
@@ -55,14 +58,7 @@ def main(argv):
                 '--source or --target: drop --prompt, --step and --average_last.'
             )
         summary = _with_data_hint(
-            lambda: training.over_training(
-                FLAGS.workdir,
-                FLAGS.out,
-                sentences=FLAGS.sentences,
-                split=FLAGS.split,
-                source=FLAGS.source,
-                target=FLAGS.target,
-            )
+            lambda: training.over_training(FLAGS.workdir, FLAGS.out, **sentences)
         )
         print(json.dumps(summary))  # noqa: T201 - the command's report
         return
@@ -78,13 +74,10 @@ def main(argv):
         lambda: report.analyze(
             FLAGS.workdir,
             FLAGS.out,
-            sentences=FLAGS.sentences,
-            split=FLAGS.split,
             prune_steps=FLAGS.prune_steps,
             step=FLAGS.step,
             average_last=FLAGS.average_last,
-            source=FLAGS.source,
-            target=FLAGS.target,
+            **sentences,
         )
     )
     print(json.dumps(summary))  # noqa: T201 - the command's report

@@ -38,8 +38,10 @@ def forward_flops(cfg: ModelConfig, kind: str, source_length: int, target_length
     D, N, K, H = cfg.emb_dim, cfg.num_heads, cfg.head_qk_dim, cfg.head_v_dim
     S, T = source_length, target_length
 
+    G = cfg.num_kv_heads or N  # key/value heads
+
     def attention(tq: int, tk: int) -> int:
-        projections = 2 * tq * D * N * K + 2 * tk * D * N * (K + H) + 2 * tq * N * H * D
+        projections = 2 * tq * D * N * K + 2 * tk * D * G * (K + H) + 2 * tq * N * H * D
         return projections + 2 * tq * tk * N * (K + H)  # Q K^T and probs @ V
 
     def feed_forward(t: int) -> int:  # a gated FFN has two input matrices

@@ -251,12 +251,15 @@ def exhaustive_top(model, source, limit, width, k, alpha=0.6):
 
 
 @pytest.mark.parametrize(
-    'variant', [{}, {'norm': 'rmsnorm', 'ffn': 'swiglu', 'pre_ln': True}], ids=['paper', 'modern']
+    'variant',
+    [{}, {'norm': 'rmsnorm', 'ffn': 'swiglu', 'qk_norm': True, 'num_kv_heads': 1, 'pre_ln': True}],
+    ids=['paper', 'modern'],
 )
 def test_beam_search_equals_exhaustive_enumeration(variant):
     """Vocab 6 (4 decodable ids: 3 + EOS) and length limits 4 and 3: 3^3 = 27 beams hold every
     live prefix, so the search is exact and its 27 finished hypotheses are the true top 27;
-    with the paper's model and with the switches beyond it (RMSNorm, SwiGLU, pre-LN)."""
+    with the paper's model and with the switches beyond it (RMSNorm, SwiGLU, QK-norm,
+    multi-query attention, pre-LN)."""
     model = tiny(vocab_size=6, seed=6, **variant)
     inputs = np.array([[4, 5, 3], [5, 3, 0]], np.int32)  # limits 3 + 1 and 2 + 1
     tokens, scores, _ = decoding.beam_search(

@@ -234,6 +234,8 @@ def test_exported_tokenizer_gives_attn_ids(exported):
         ({'model.tie_output': False}, 'model.tie_output'),
         ({'model.norm': 'rmsnorm'}, 'model.norm'),
         ({'model.ffn': 'swiglu'}, 'model.ffn'),
+        ({'model.qk_norm': True}, 'model.qk_norm'),
+        ({'model.num_kv_heads': 1}, 'model.num_kv_heads'),
     ],
 )
 def test_unexportable_configs_are_refused_before_writing(toy_run, tmp_path, fields, named):

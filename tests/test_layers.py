@@ -25,7 +25,14 @@ def numpy_mha(mha, x_q, x_kv, mask=None):
         for name in ('query', 'key', 'value', 'out')
     }
     q = np.einsum('btd,dnk->btnk', x_q, w['query'])
+    N, G = w['query'].shape[1], w['key'].shape[1]  # query heads, key/value heads
+    kv_head = np.arange(N) // (N // G)  # GQA: query head n reads key/value head n // (N / G)
+    w['key'], w['value'] = w['key'][:, kv_head], w['value'][:, kv_head]
     k = np.einsum('bsd,dnk->bsnk', x_kv, w['key'])
+    if mha.query_norm is not None:  # QK-norm: over each head's d_k
+        from tests.test_model import numpy_norm
+
+        q, k = numpy_norm(mha.query_norm, q), numpy_norm(mha.key_norm, k)
     v = np.einsum('bsd,dnh->bsnh', x_kv, w['value'])
     heads, _ = numpy_attention(q, k, v, mask)
     heads = heads * np.asarray(mha.head_mask[...])[:, None]

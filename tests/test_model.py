@@ -132,7 +132,16 @@ VARIANTS = {
     'rmsnorm': {'norm': 'rmsnorm'},
     'swiglu': {'ffn': 'swiglu'},
     'geglu': {'ffn': 'geglu'},
-    'modern': {'norm': 'rmsnorm', 'ffn': 'swiglu', 'pre_ln': True},
+    'qk_norm': {'qk_norm': True},
+    'gqa': {'num_kv_heads': 2},
+    'mqa': {'num_kv_heads': 1},
+    'modern': {
+        'norm': 'rmsnorm',
+        'ffn': 'swiglu',
+        'qk_norm': True,
+        'num_kv_heads': 2,
+        'pre_ln': True,
+    },
 }
 WITH_VARIANTS = pytest.mark.parametrize(
     'variant', [{}, *VARIANTS.values()], ids=['paper', *VARIANTS]
@@ -467,3 +476,17 @@ def test_a_gated_ffn_keeps_the_parameters_of_d_ff():
     assert got[f'{ffn}.wo.kernel'] == (21, 16)
     norms = [k for k in got if '_residual.norm' in k]
     assert norms and all(k.endswith('.scale') for k in norms)
+
+
+def test_grouped_query_attention_shrinks_the_caches_and_is_validated():
+    """num_kv_heads G: W^K and W^V and every cache hold G heads (the point of GQA and MQA is
+    decode memory); a G that does not divide the heads is refused naming the ones that do."""
+    for G in (4, 2, 1):
+        model = transformer(num_kv_heads=G)
+        mha = model.decoder.layers[0].self_attention
+        assert mha.key.shape == (16, G, 4) and mha.value.shape == (16, G, 4)
+        cache = model.init_cache(jnp.array([pad(SOURCE_A, 6)]), 5, width=4)
+        assert cache[0]['self'].keys.shape == (1, G, 4, 20)  # [B, G, K, L x width]
+        assert cache[0]['source'].values.shape == (1, G, 6, 4)  # [B, G, S, H]
+    with pytest.raises(ConfigError, match=r'model.num_kv_heads=3 must divide .* \[1, 2, 4\]'):
+        dataclasses.replace(TINY, num_kv_heads=3)

@@ -57,6 +57,13 @@ def check_exportable(config) -> None:
         why = "model.pre_ln=True: Marian is post-LN (the paper's residual blocks)."
     elif model.get('norm', 'layernorm') != 'layernorm':
         why = f'model.norm={model.norm!r}: MarianMT has LayerNorm only.'
+    elif model.get('num_kv_heads') not in (None, heads):
+        why = (
+            f'model.num_kv_heads={model.num_kv_heads}: MarianMT has one key/value head per '
+            'query head.'
+        )
+    elif model.get('qk_norm', False):
+        why = 'model.qk_norm=True: MarianMT has no norm on queries and keys.'
     elif model.get('ffn', 'relu') != 'relu':
         why = f"model.ffn={model.ffn!r}: MarianMT has the paper's ReLU feed-forward only."
 

@@ -50,10 +50,13 @@ class ModelConfig:
     # Beyond 2017, each off by default (the paper's model):
     norm: str = 'layernorm'  # or 'rmsnorm' (Zhang & Sennrich 2019): every norm of the model
     ffn: str = 'relu'  # or 'swiglu' / 'geglu' (Shazeer 2020): gated, width `ffn_dim`
+    qk_norm: bool = False  # True: each head's queries and keys normalized (by `norm`)
+    num_kv_heads: int | None = None  # key/value heads: None = num_heads (paper), 1 = MQA
 
     def __post_init__(self):
         _check_sizes(self)
         _check_head_dims(self)
+        _check_kv_heads(self)
         _check_rates(self)
         _check_choice('positions', self.positions, POSITIONS)
         _check_choice('attention', self.attention, IMPLEMENTATIONS)
@@ -104,6 +107,18 @@ def _check_sizes(cfg: ModelConfig) -> None:
             f'model.vocab_size={cfg.vocab_size} leaves no room beside the '
             f'{NUM_SPECIAL_TOKENS} special tokens (pad, unk, bos, eos); '
             'use a larger vocabulary (the paper: ~37000).'
+        )
+
+
+def _check_kv_heads(cfg: ModelConfig) -> None:
+    G, N = cfg.num_kv_heads, cfg.num_heads
+    if G is None:
+        return
+    if not isinstance(G, int) or G < 1 or N % G:
+        divisors = [g for g in range(1, N + 1) if N % g == 0]
+        raise ConfigError(
+            f'model.num_kv_heads={G!r} must divide model.num_heads={N} (each key/value head '
+            f'serves as many query heads): use one of {divisors}, or None for {N}.'
         )
 
 

@@ -119,15 +119,30 @@ class MultiHeadAttention(nnx.Module):
         *,
         attention_dropout_rate: float = 0.0,
         implementation: attention_lib.Implementation = 'reference',
+        qk_norm: str | None = None,
+        num_kv_heads: int | None = None,
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         D, N, K, H = emb_dim, num_heads, qk_dim, v_dim
+        # G key/value heads (grouped-query attention, Ainslie et al. 2023; G = 1 multi-query,
+        # Shazeer 2019): query heads [g N/G, (g + 1) N/G) share key/value head g, and caches
+        # hold G heads. None: G = N, the paper.
+        G = N if num_kv_heads is None else num_kv_heads
         self.query = nnx.Param(_xavier(rngs, D, N * K, (D, N, K)))  # W^Q [D, N, K]
-        self.key = nnx.Param(_xavier(rngs, D, N * K, (D, N, K)))  # W^K [D, N, K]
-        self.value = nnx.Param(_xavier(rngs, D, N * H, (D, N, H)))  # W^V [D, N, H]
+        self.key = nnx.Param(_xavier(rngs, D, G * K, (D, G, K)))  # W^K [D, G, K]
+        self.value = nnx.Param(_xavier(rngs, D, G * H, (D, G, H)))  # W^V [D, G, H]
         self.out = nnx.Param(_xavier(rngs, N * H, D, (N, H, D)))  # W^O [N, H, D]
         self.head_mask = HeadMask(jnp.ones((N,), jnp.float32))
+        # QK-norm (Dehghani et al. 2023): `qk_norm` ('layernorm' or 'rmsnorm') normalizes
+        # each head's query and key over d_k before their product, a scale per dimension
+        # shared by the heads.
+        norms = (
+            [make_norm(qk_norm, K, dtype=dtype, rngs=rngs) for _ in range(2)]
+            if qk_norm
+            else [None] * 2
+        )
+        self.query_norm, self.key_norm = norms
         self.attention_dropout_rate = attention_dropout_rate
         self.implementation = implementation
         self.dtype = dtype
@@ -194,19 +209,23 @@ class MultiHeadAttention(nnx.Module):
     def _queries(self, inputs_q: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, N, K]."""
         x_q, w_q = inputs_q.astype(self.dtype), self.query[...].astype(self.dtype)
-        return jnp.einsum('BTD,DNK->BTNK', x_q, w_q)
+        query = jnp.einsum('BTD,DNK->BTNK', x_q, w_q)
+        return query if self.query_norm is None else self.query_norm(query)
 
     def _keys_values(self, inputs_kv: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """[B, S, D] -> keys [B, S, N, K], values [B, S, N, H]."""
+        """[B, S, D] -> keys [B, S, G, K], values [B, S, G, H] (G key/value heads)."""
         x_kv, dtype = inputs_kv.astype(self.dtype), self.dtype
         key = jnp.einsum('BSD,DNK->BSNK', x_kv, self.key[...].astype(dtype))  # [B, S, N, K]
         value = jnp.einsum('BSD,DNH->BSNH', x_kv, self.value[...].astype(dtype))  # [B, S, N, H]
-        return key, value
+        return (key if self.key_norm is None else self.key_norm(key)), value
 
     def _attend(self, query, key, value, mask, dropout_rate=0.0, dropout_rng=None) -> jax.Array:
-        """Eq. (1) per head, the head gates, then W^O: query [B, T, N, K], key [B, S, N, K],
-        value [B, S, N, H], mask [B|1, N|1, T, S] or None -> [B, T, D]."""
+        """Eq. (1) per head, the head gates, then W^O: query [B, T, N, K], key [B, S, G, K],
+        value [B, S, G, H], mask [B|1, N|1, T, S] or None -> [B, T, D]."""
         kwargs = dict(dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+        group = query.shape[2] // key.shape[2]  # query heads per key/value head
+        if group > 1:  # each key/value head serves its `group` consecutive query heads
+            key, value = (jnp.repeat(x, group, axis=2) for x in (key, value))
         if self.capture_weights:
             out, probs = attention_lib.dot_product_attention(
                 query, key, value, mask, return_weights=True, **kwargs

@@ -105,6 +105,8 @@ def _attention(cfg: ModelConfig, rngs: nnx.Rngs) -> layers.MultiHeadAttention:
         cfg.head_v_dim,
         attention_dropout_rate=cfg.attention_dropout_rate,
         implementation=cfg.attention,
+        qk_norm=cfg.norm if cfg.qk_norm else None,
+        num_kv_heads=cfg.num_kv_heads,
         dtype=cfg.compute_dtype,
         rngs=rngs,
     )

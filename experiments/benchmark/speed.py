@@ -33,6 +33,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
@@ -228,6 +229,17 @@ def search(
     return np.asarray(jax.block_until_ready(out))
 
 
+def kv_cache_bytes(model, inputs, beam_size: int, max_extra_length: int) -> int:
+    """Bytes of every decoder layer's caches in the search of `inputs`: the self-attention
+    caches at their full length (source + extra positions x beam entries) and the projected
+    source (shapes only: nothing is computed)."""
+    length = inputs.shape[1] + max_extra_length
+    caches = jax.eval_shape(
+        lambda: model.init_cache(jnp.asarray(inputs), length, width=max(beam_size, 1))
+    )
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(caches))
+
+
 def measure_decode(config) -> dict:
     model = decode_model(config, _VOCAB.value)
     rows = _DECODE_BATCH.value
@@ -253,6 +265,7 @@ def measure_decode(config) -> dict:
     return {
         'beam_size': _BEAM.value,
         'batch': [rows, SOURCE_LENGTH, TARGET_LENGTH],
+        'kv_cache_mib': round(kv_cache_bytes(model, inputs, _BEAM.value, extra) / 2**20, 2),
         'median_s': round(median, 4),
         'target_tokens_per_s': round(tokens / median, 1),
         'sentences_per_s': round(rows / median, 2),
