@@ -19,7 +19,6 @@ from collections.abc import Sequence
 import numpy as np
 from sacrebleu.metrics import BLEU
 from sacrebleu.significance import PairedTest
-from scipy import stats
 
 RESAMPLES = 1000  # bootstrap resamples (sacreBLEU's default)
 TRIALS = 10000  # approximate randomization trials (sacreBLEU's default)
@@ -151,6 +150,8 @@ def _centred_p(differences: np.ndarray, observed: float) -> float:
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
     """(mean, low, high): Student's t interval of the mean of `values` (2 or more runs, e.g.
     one config at several seeds)."""
+    from scipy import stats  # here: importing scipy.stats takes a second and probes torch
+
     values = np.asarray(values, np.float64)
     n = len(values)
     if n < 2:
@@ -165,6 +166,8 @@ def welch_interval(
 ) -> tuple[float, float, float]:
     """(difference, low, high) of the means, system - baseline, by Welch's t interval (runs
     of two configs, 2 or more seeds each, variances not assumed equal)."""
+    from scipy import stats
+
     a, b = (np.asarray(x, np.float64) for x in (system, baseline))
     if len(a) < 2 or len(b) < 2:
         raise ValueError(f'A Welch interval needs 2 or more values a side, not {len(a)}, {len(b)}.')
