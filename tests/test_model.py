@@ -490,3 +490,35 @@ def test_grouped_query_attention_shrinks_the_caches_and_is_validated():
         assert cache[0]['source'].values.shape == (1, G, 6, 4)  # [B, G, S, H]
     with pytest.raises(ConfigError, match=r'model.num_kv_heads=3 must divide .* \[1, 2, 4\]'):
         dataclasses.replace(TINY, num_kv_heads=3)
+
+
+def test_a_language_model_without_positions_caches_packs_and_refuses_an_encoder():
+    """positions='none' (no positional encoding): a language model's cached steps equal its
+    full forward pass and packed rows equal rows alone; the causal mask still orders the
+    tokens (swapping the first two changes a later position's logits, with 2 layers); a
+    Transformer's encoder would have no order at all, so it is refused in one line."""
+    cfg = dataclasses.replace(TINY, positions='none', dropout_rate=0.0)
+    model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.array([[5, 6, 7, 8, 9]])
+    full = np.asarray(model(tokens))
+    decoder_inputs, cache, steps = shift_right(tokens), model.init_cache(1, 5), []
+    for t in range(5):
+        logits, cache = model.extend(
+            decoder_inputs[:, t : t + 1], positions=jnp.full((1, 1), t), cache=cache
+        )
+        steps.append(np.asarray(logits))
+    assert np.abs(np.concatenate(steps, axis=1) - full).max() < TOL
+    alone = [np.asarray(model(jnp.array([t]))) for t in (TARGET_A, TARGET_B)]
+    packed = np.asarray(
+        model(
+            jnp.array([pad(TARGET_A + TARGET_B, 11)]),
+            jnp.array([pad([1] * 4 + [2] * 5, 11)]),
+            jnp.array([pad(list(range(4)) + list(range(5)), 11)]),
+        )
+    )
+    assert np.abs(packed[0, :4] - alone[0][0]).max() < TOL
+    assert np.abs(packed[0, 4:9] - alone[1][0]).max() < TOL
+    swapped = np.asarray(model(jnp.array([[6, 5, 7, 8, 9]])))
+    assert np.abs(swapped[0, 4] - full[0, 4]).max() > 1e-4
+    with pytest.raises(ConfigError, match='model_kind="lm"'):
+        Transformer(cfg, rngs=nnx.Rngs(0))

@@ -16,7 +16,7 @@ from attn.errors import ConfigError
 from attn.model.attention import IMPLEMENTATIONS
 from attn.model.tokens import NUM_SPECIAL_TOKENS
 
-POSITIONS = ('sinusoidal', 'learned')
+POSITIONS = ('sinusoidal', 'learned', 'none')
 DTYPES = ('float32', 'bfloat16', 'float16')
 # What a training forward pass keeps for the backward pass, per layer: everything
 # ('none'), only the layer's input ('full'), or the outputs of its dense projections
@@ -39,7 +39,7 @@ class ModelConfig:
     mlp_dim: int = 2048  # d_ff
     dropout_rate: float = 0.1  # P_drop on sub-layer outputs and embedding sums (§5.4)
     attention_dropout_rate: float = 0.0  # dropout on attention probabilities (not in paper)
-    positions: str = 'sinusoidal'  # or 'learned' (Table 3 row E)
+    positions: str = 'sinusoidal'  # or 'learned' (Table 3 row E), 'none' (language model)
     max_len: int = 512  # rows of each learned position table (encoder, decoder)
     pre_ln: bool = False  # True: x + Sublayer(LayerNorm(x)) and a final LayerNorm
     share_embeddings: bool = True  # one matrix for encoder and decoder input (§3.4)

@@ -85,16 +85,19 @@ class _Embedder(nnx.Module):
         )
         self.dropout = nnx.Dropout(cfg.dropout_rate)
         self.emb_dim = cfg.emb_dim
+        # positions='none': no positional encoding; a causal decoder still tells positions
+        # apart through its mask (Haviv et al. 2022), an encoder cannot (`Transformer`).
+        self.sinusoids = cfg.positions == 'sinusoidal'
 
     def __call__(self, tokens, *, positions, deterministic, rngs) -> jax.Array:
         """tokens, positions: [B, T] -> [B, T, D]."""
         x = self.embed(tokens)  # [B, T, D], already x sqrt(d_model)
         if self.learned is not None:
             check_learned_length(self.learned, positions.shape[-1], 'the inputs have')
-            pe = self.learned(positions)
-        else:
-            pe = layers.sinusoidal_positions(positions, self.emb_dim)
-        return self.dropout(x + pe.astype(x.dtype), deterministic=deterministic, rngs=rngs)
+            x = x + self.learned(positions).astype(x.dtype)
+        elif self.sinusoids:
+            x = x + layers.sinusoidal_positions(positions, self.emb_dim).astype(x.dtype)
+        return self.dropout(x, deterministic=deterministic, rngs=rngs)
 
 
 def _attention(cfg: ModelConfig, rngs: nnx.Rngs) -> layers.MultiHeadAttention:
@@ -416,6 +419,12 @@ class Transformer(nnx.Module):
     """The encoder-decoder model of the paper (Figure 1)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.positions == 'none':
+            raise ConfigError(
+                'model.positions="none" leaves the encoder without any order (self-attention '
+                'is permutation-invariant): use it with config.model_kind="lm", or give '
+                'model.positions="sinusoidal" or "learned".'
+            )
         self.config = cfg
         dtype = cfg.compute_dtype
         source_embed = layers.Embed(cfg.vocab_size, cfg.emb_dim, dtype=dtype, rngs=rngs)
