@@ -33,18 +33,10 @@ def kept_steps(workdir: str) -> list[int]:
         ckpt.close()
 
 
-def over_training(
-    workdir: str,
-    out: str,
-    *,
-    sentences: int,
-    split: str | None = None,
-    data=None,
-    source: str | None = None,
-    target: str | None = None,
-) -> dict:
+def over_training(workdir: str, out: str, *, data=None, **what) -> dict:
     """Writes heads_over_training.json ({module: [per head {'head', 'steps', and a list
-    per METRICS field}]}) and one picture per attention kind to `out`; returns a summary."""
+    per METRICS field}]}) and one picture per attention kind to `out`; returns a summary.
+    `what` to analyse (sentences, split, source, target) and `data` as in `report.analyze`."""
     steps = kept_steps(workdir)
     curves: dict[str, list[dict]] = {}
     batch = tokens = None
@@ -52,15 +44,7 @@ def over_training(
         run = rundir.load(workdir, step=step)
         kind = run.config.model_kind
         if batch is None:  # the same sentences at every step
-            batch, data = report.open_sentences(
-                workdir,
-                run.config,
-                sentences=sentences,
-                split=split,
-                data=data,
-                source=source,
-                target=target,
-            )
+            batch, data = report.open_sentences(workdir, run.config, data=data, **what)
             tokens = report.axis_tokens(batch, kind, data.tokenizer)
         maps = heads.attention_maps(run.model, batch, kind)
         _, table = report.head_table(run.model, batch, kind, maps, tokens)
