@@ -136,7 +136,7 @@ def head_table(model, batch, kind: str, maps, tokens) -> tuple[dict, dict]:
     return importance, table
 
 
-def open_sentences(workdir, config, *, sentences, split, data, source, target):
+def open_sentences(workdir, config, *, sentences, split=None, data=None, source=None, target=None):
     """(batch, data) of the sentences to analyse: the first `sentences` of `split` (default
     the eval split) of `data` (default the run's dataset), or of the files `source` and
     `target` (as `attn.score` reads them; these need the workdir alone)."""
