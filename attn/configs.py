@@ -95,6 +95,7 @@ def model_fields(size: str) -> config_dict.ConfigDict:
     # overridable from the command line (--config.model.qk_dim=32).
     model.qk_dim = config_dict.placeholder(int)
     model.v_dim = config_dict.placeholder(int)
+    model.num_kv_heads = config_dict.placeholder(int)  # unset: num_heads (the paper)
     return model
 
 
@@ -300,6 +301,12 @@ def validate(config: config_dict.ConfigDict, *, devices: int | None = None) -> N
         raise ConfigError(
             f'config.model_kind={config.model_kind!r} is not one of {MODEL_KINDS}: '
             "'transformer' (encoder-decoder) or 'lm' (decoder-only)."
+        )
+    if config.model_kind == 'transformer' and config.model.positions == 'none':
+        raise ConfigError(
+            'model.positions="none" leaves the encoder without any order (self-attention is '
+            'permutation-invariant): use it with config.model_kind="lm", or give '
+            'model.positions="sinusoidal" or "learned".'
         )
     if not 0.0 <= config.label_smoothing < 1.0:
         raise ConfigError(

@@ -130,3 +130,16 @@ def test_seed_intervals_equal_scipys():
     assert significance.agrees(low, high, paper=0.5) == 'yes'
     assert significance.agrees(-high, -low, paper=0.5) == 'no'
     assert significance.agrees(-1.0, 2.0, paper=0.5) == 'within noise'
+
+
+def test_agreement_where_the_paper_saw_no_change_and_degenerate_seeds(monkeypatch):
+    """A change the paper did not see (its difference 0) disagrees once ours is real; runs
+    alike on both sides give the difference itself as the interval; SACREBLEU_SEED=none
+    draws unseeded, as sacreBLEU does."""
+    assert significance.agrees(0.2, 0.9, paper=0.0) == 'no'
+    assert significance.agrees(-0.2, 0.9, paper=0.0) == 'within noise'
+    assert significance.welch_interval([2.0, 2.0, 2.0], [1.0, 1.0, 1.0]) == (1.0, 1.0, 1.0)
+    monkeypatch.setenv('SACREBLEU_SEED', 'none')
+    assert significance.seed() is None
+    monkeypatch.setenv('SACREBLEU_SEED', '7')
+    assert significance.seed() == 7

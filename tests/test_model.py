@@ -522,3 +522,8 @@ def test_a_language_model_without_positions_caches_packs_and_refuses_an_encoder(
     assert np.abs(swapped[0, 4] - full[0, 4]).max() > 1e-4
     with pytest.raises(ConfigError, match='model_kind="lm"'):
         Transformer(cfg, rngs=nnx.Rngs(0))
+    from attn import configs
+    from tests import toy
+
+    with pytest.raises(ConfigError, match='model_kind="lm"'):  # before anything is built
+        configs.validate(toy.config(**{'model.positions': 'none'}), devices=1)

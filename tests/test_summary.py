@@ -16,7 +16,10 @@ from attn.summary import forward_flops, module_params
 
 @pytest.mark.parametrize('kind', ['transformer', 'lm'])
 @pytest.mark.parametrize('heads', [(None, None), (16, 48)], ids=['derived', 'dk!=dv'])
-def test_forward_flops_match_xla_cost_analysis(kind, heads):
+@pytest.mark.parametrize(
+    'switches', [{}, {'num_kv_heads': 2, 'ffn': 'swiglu'}], ids=['paper', 'gqa+swiglu']
+)
+def test_forward_flops_match_xla_cost_analysis(kind, heads, switches):
     """Matmuls are all but ~2% of XLA's count of a forward pass (it adds elementwise ops)."""
     qk_dim, v_dim = heads
     cfg = ModelConfig(
@@ -28,6 +31,7 @@ def test_forward_flops_match_xla_cost_analysis(kind, heads):
         v_dim=v_dim,
         mlp_dim=512,
         dropout_rate=0.0,
+        **switches,
     )
     graphdef, state = nnx.split(build_model(kind, cfg))
     tokens = jnp.ones((1, 64), jnp.int32)
@@ -67,6 +71,18 @@ def test_summary_table_and_overrides():
     table = run_summary('--config=configs/table3.py:row=C1', '--config.model.num_layers=1')
     assert 'encoder.layers.0' in table and 'encoder.layers.1' not in table
     assert 'total' in table
+    # A field unset by default (None) is a flag too: fewer key/value heads, fewer parameters.
+    grouped = run_summary(
+        '--config=configs/table3.py:row=C1',
+        '--config.model.num_layers=1',
+        '--config.model.num_kv_heads=1',
+    )
+
+    def total(text):
+        line = next(line for line in text.splitlines() if line.startswith('total'))
+        return int(line.split()[-1].replace(',', ''))
+
+    assert total(grouped) < total(table)
 
 
 def test_console_script_dispatches():

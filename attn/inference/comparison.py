@@ -43,7 +43,8 @@ def run_outputs(
     name = rundir.report_name(split, run.steps, (beam_size, alpha))
     examples = len(data.splits[split])
     hypotheses = evaluation.read_translations(workdir, name, examples)
-    reused = hypotheses is not None
+    # Decoding is collective: every process decodes unless every one of them read the file.
+    reused = not distributed.agreed_max([hypotheses is None])[0]
     if not reused:
         hypotheses, _, _ = evaluation.translate_split(
             run.model, config, data, split, beam_size=beam_size, alpha=alpha, mesh=run.mesh

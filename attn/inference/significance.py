@@ -25,9 +25,11 @@ TRIALS = 10000  # approximate randomization trials (sacreBLEU's default)
 LEVEL = 0.05  # a difference with p below this is called real
 
 
-def seed() -> int:
-    """The seed sacreBLEU's tests use (its SACREBLEU_SEED, default 12345)."""
-    return int(os.environ.get('SACREBLEU_SEED', '12345'))
+def seed() -> int | None:
+    """The seed sacreBLEU's tests use: its SACREBLEU_SEED, default 12345; 'none' (and 0, which
+    sacreBLEU passes on as no seed) draw from the OS."""
+    value = os.environ.get('SACREBLEU_SEED', '12345')
+    return None if value.lower() == 'none' or int(value) == 0 else int(value)
 
 
 def resample_indices(n: int, resamples: int) -> np.ndarray:
@@ -172,15 +174,20 @@ def welch_interval(
     if len(a) < 2 or len(b) < 2:
         raise ValueError(f'A Welch interval needs 2 or more values a side, not {len(a)}, {len(b)}.')
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     difference = float(a.mean() - b.mean())
+    if va + vb == 0:  # every run alike on both sides: no spread to widen it
+        return difference, difference, difference
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     half = float(stats.t.ppf(0.5 + confidence / 2, dof) * np.sqrt(va + vb))
     return difference, difference - half, difference + half
 
 
 def agrees(low: float, high: float, paper: float) -> str:
     """'yes' or 'no' (the sign of an interval that excludes zero against the paper's
-    difference), 'within noise' where the interval holds zero."""
+    difference; 'no' where the paper saw none), 'within noise' where the interval holds
+    zero."""
     if low <= 0 <= high:
         return 'within noise'
+    if paper == 0:
+        return 'no'
     return 'yes' if (low > 0) == (paper > 0) else 'no'

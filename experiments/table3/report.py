@@ -172,6 +172,12 @@ def intervals(results: dict, seeds: dict, root: pathlib.Path) -> dict[str, dict 
             } | {'from': f'seeds ({len(runs)} and {len(base)} runs)'}
             continue
         mine, theirs = run_outputs(row), run_outputs('base')
+        if mine is not None and theirs is not None:
+            try:
+                comparison.check_comparable([theirs, mine], 'eval')
+            except comparison.CompareError as error:
+                print(f'{row}: no bootstrap ({error})')  # noqa: T201
+                mine = None
         if mine is None or theirs is None:
             out[row] = None
             continue
@@ -296,9 +302,10 @@ def plot(results: dict[str, dict | None], path: pathlib.Path, spans: dict | None
         ours = [changes[r][mine] or 0.0 for r in rows]
         errors = [[0.0] * len(rows), [0.0] * len(rows)]
         for i, row in enumerate(rows):
-            if spans.get(row):
-                _, low, high = spans[row][metric]
-                errors[0][i], errors[1][i] = max(ours[i] - low, 0.0), max(high - ours[i], 0.0)
+            if spans.get(row):  # the bar is then the interval's own change (seed means, or
+                # sacreBLEU's for a bootstrap), so that the interval sits on it
+                ours[i], low, high = spans[row][metric]
+                errors[0][i], errors[1][i] = ours[i] - low, high - ours[i]
         ax.bar(rows, ours, color='tab:blue', label='ours (95% interval)', yerr=errors, capsize=3)
         ax.plot(rows, [changes[r][paper] for r in rows], 'o', color='tab:red', label='paper')
         ax.axhline(0.0, color='gray', linewidth=0.8)
