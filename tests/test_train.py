@@ -23,8 +23,9 @@ from tests import toy
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _losses_process(devices: int, *args: str) -> subprocess.Popen:
+def _losses_process(devices: int, *args: str, switches: str = '{}') -> subprocess.Popen:
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    env['MODEL_SWITCHES'] = switches
     return subprocess.Popen(
         [sys.executable, '-m', 'tests.multidevice_losses', *args],
         cwd=REPO,
@@ -41,14 +42,20 @@ def _result(process: subprocess.Popen) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _losses_on(devices: int) -> list[float]:
-    result = _result(_losses_process(devices))
+def _losses_on(devices: int, switches: str = '{}') -> list[float]:
+    result = _result(_losses_process(devices, switches=switches))
     assert result['devices'] == devices
     return result['losses']
 
 
-def test_one_device_equals_four_devices_with_dropout():
-    one, four = np.array(_losses_on(1)), np.array(_losses_on(4))
+@pytest.mark.parametrize(
+    'switches',
+    ['{}', '{"norm": "rmsnorm", "ffn": "swiglu", "qk_norm": true, "num_kv_heads": 2}'],
+    ids=['paper', 'modern'],
+)
+def test_one_device_equals_four_devices_with_dropout(switches):
+    """The paper's model, and with the switches beyond it (RMSNorm, SwiGLU, QK-norm, GQA)."""
+    one, four = np.array(_losses_on(1, switches)), np.array(_losses_on(4, switches))
     assert len(one) == 20
     assert np.max(np.abs(one - four) / np.abs(one)) <= 1e-5
 
