@@ -190,7 +190,8 @@ FAKE_PYTHON = (
         (1, 1, '75 75 0', 75, 2),  # out of retries: 75 for whoever runs it next
         (1, 3, '2', 2, 1),  # a bad setting: never retried
         (2, 3, '75 0', 0, 4),  # both processes stopped, both restarted
-        (2, 3, '1 0', 1, 2),  # a crash: never retried
+        # a crash: never retried; the other process is stopped, maybe before it logged
+        (2, 3, '1 0', 1, (1, 2)),
     ],
 )
 def test_local_launcher_restarts_a_run_stopped_early(
@@ -216,13 +217,16 @@ def test_local_launcher_restarts_a_run_stopped_early(
     )
     assert result.returncode == status, result.stderr
     lines = log.read_text().splitlines()
-    assert len(lines) == starts
+    assert len(lines) in (starts if isinstance(starts, tuple) else (starts,))
+    if status not in (0, 75):  # a failure: no process started twice
+        assert len(set(lines)) == len(lines), lines
     assert all(
         line.startswith('-m attn.train --config=configs/l10n.py --workdir=runs/x')
         and line.endswith('--config.seed=1')
         for line in lines
     )
-    assert result.stderr.count('restarting it to resume') == (starts // processes) - 1
+    attempts = max(starts) if isinstance(starts, tuple) else starts
+    assert result.stderr.count('restarting it to resume') == (attempts // processes) - 1
 
 
 def test_local_launcher_passes_a_sigterm_on_and_does_not_restart(tmp_path):
